@@ -1,0 +1,116 @@
+"""A local folder as an object store (``/path`` or ``file:///path``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+from m3i.storage.base import ObjectInfo, StorageError, Store
+
+__all__ = ["LocalStore"]
+
+_META_SUFFIX = ".m3i-meta.json"
+
+
+class LocalStore(Store):
+    """Objects are files under ``root``; metadata lives in a hidden side file.
+
+    Writes go to a temporary file in the same folder and are renamed into place, so
+    a reader sees the whole old or the whole new object, never a partial one.
+    """
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root).expanduser().resolve()
+        self.uri = str(self.root)
+
+    def _path(self, key: str) -> Path:
+        key = key.strip("/")
+        if not key or any(p in ("..", ".") for p in key.split("/")):
+            raise ValueError(f"key={key!r} is not a valid object key (empty, '.' or '..' parts)")
+        return self.root / key
+
+    def _meta_path(self, key: str) -> Path:
+        p = self._path(key)
+        return p.with_name("." + p.name + _META_SUFFIX)
+
+    def _atomic_write(self, path: Path, writer) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                writer(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def _write_meta(self, key: str, metadata: dict[str, str] | None) -> None:
+        mp = self._meta_path(key)
+        if metadata:
+            self._atomic_write(mp, lambda f: f.write(json.dumps(metadata).encode()))
+        else:
+            mp.unlink(missing_ok=True)
+
+    def put_bytes(self, key: str, data: bytes, metadata: dict[str, str] | None = None) -> None:
+        self._write_meta(key, metadata)
+        self._atomic_write(self._path(key), lambda f: f.write(data))
+
+    def put_file(self, key: str, path: str, metadata: dict[str, str] | None = None) -> None:
+        self._write_meta(key, metadata)
+
+        def copy(f):
+            with open(path, "rb") as src:
+                shutil.copyfileobj(src, f, 1 << 20)
+
+        self._atomic_write(self._path(key), copy)
+
+    def open_read(self, key: str) -> BinaryIO:
+        try:
+            return open(self._path(key), "rb")
+        except FileNotFoundError:
+            raise StorageError(f"get {self.url(key)}: no such object") from None
+
+    def get_file(self, key: str, path: str) -> None:
+        with self.open_read(key) as src:
+            self._atomic_write(Path(path), lambda f: shutil.copyfileobj(src, f, 1 << 20))
+
+    def stat(self, key: str) -> ObjectInfo | None:
+        p = self._path(key)
+        try:
+            size = p.stat().st_size
+        except FileNotFoundError:
+            return None
+        meta = None
+        mp = self._meta_path(key)
+        if mp.exists():
+            meta = json.loads(mp.read_text())
+        return ObjectInfo(key.strip("/"), size, meta)
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        if not self.root.exists():
+            return
+        out = []
+        for dirpath, _, files in os.walk(self.root):
+            for name in files:
+                if name.startswith("."):  # temp files and metadata side files
+                    continue
+                rel = os.path.relpath(os.path.join(dirpath, name), self.root).replace(os.sep, "/")
+                if rel.startswith(prefix):
+                    out.append(rel)
+        for rel in sorted(out):
+            info = self.stat(rel)
+            if info is not None:
+                yield info
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+        self._meta_path(key).unlink(missing_ok=True)
+
+    def url(self, key: str) -> str:
+        return str(self._path(key)) if key.strip("/") else self.uri
