@@ -1,0 +1,3 @@
+from m3i.cli import main
+import sys
+sys.exit(main())

@@ -1,0 +1,190 @@
+"""The training loader: a resumable, rank-aware DataLoader over an ``m3i shard`` data set."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, default_collate
+
+from m3i.config import DataConfig
+from m3i.data.dataset import Counters, ShardStream
+from m3i.data.gopen import register_s3_scheme
+from m3i.data.plan import EpochPlan
+from m3i.shard.index import ShardIndex, read_index
+from m3i.storage import open_store
+
+__all__ = ["ShardLoader", "ImageTransform", "build_loader"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ImageTransform:
+    """A fixed transform: resize the shorter side, centre-crop, normalise; keeps cls/source.
+
+    Deterministic, so it ignores the generator; it is what evaluation and the plain
+    loader pass use. Training plugs in the M3I two-view transform instead.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, sample: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, Any]:
+        img: Image.Image = sample["image"]
+        w, h = img.size
+        s = self.size / min(w, h)
+        img = img.resize((max(self.size, round(w * s)), max(self.size, round(h * s))), Image.BILINEAR)
+        w, h = img.size
+        left, top = (w - self.size) // 2, (h - self.size) // 2
+        img = img.crop((left, top, left + self.size, top + self.size))
+        x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(self.size, self.size, 3)
+        x = x.permute(2, 0, 1).float().div_(255)
+        x = (x - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        return {"image": x, "cls": torch.tensor(sample["cls"], dtype=torch.long)}
+
+
+class ShardLoader:
+    """Batches of one rank, epoch after epoch, resumable mid-epoch.
+
+    Iterating yields the rest of the current epoch and then advances the epoch.
+    ``state_dict()`` after k batches, restored into a loader with the same world
+    size, worker count and batch size, yields exactly the batches k+1, k+2, ... that
+    the first loader would have.
+
+    Args:
+        cfg: The ``data`` config section.
+        transform: ``transform(sample, generator) -> dict``; default :class:`ImageTransform`.
+        rank: This process's rank.
+        world_size: Number of ranks reading the data set.
+        collate: Turns a list of transformed samples into a batch.
+    """
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        transform: Callable | None = None,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        collate: Callable = default_collate,
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} is out of range for world_size={world_size}")
+        register_s3_scheme()
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.transform = transform or ImageTransform(cfg.image_size)
+        self.collate = collate
+        self.store = open_store(cfg.shards)
+        self.index: ShardIndex = read_index(self.store)
+        self.shards = self.index.shards(cfg.split)
+        self.counters = Counters()
+        self.epoch = 0
+        self.consumed = 0
+        if self.batches_per_epoch == 0:
+            n = self.plan(0).num_samples
+            raise ValueError(
+                f"data.batch_size={cfg.batch_size}: {cfg.shards} split {cfg.split!r} has {n} samples of sources "
+                f"{list(cfg.sources)}, too few for one batch per rank and worker "
+                f"(world_size={world_size}, num_workers={cfg.num_workers})"
+            )
+
+    def plan(self, epoch: int) -> EpochPlan:
+        return EpochPlan.build(
+            self.shards,
+            self.cfg.sources,
+            seed=self.cfg.seed,
+            epoch=epoch,
+            shuffle=self.cfg.shuffle,
+            batch_size=self.cfg.batch_size,
+            world_size=self.world_size,
+            num_workers=self.cfg.num_workers,
+        )
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches each rank yields per epoch (equal on every rank)."""
+        return self.plan(self.epoch).batches_per_rank
+
+    @property
+    def num_classes(self) -> int:
+        return self.index.num_classes
+
+    def stats(self) -> dict[str, int]:
+        """Failures so far: ``shards_failed``, ``samples_failed``, ``samples_padded``."""
+        return self.counters.snapshot()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the loader is: restore it with :meth:`load_state_dict`."""
+        return {
+            "epoch": self.epoch,
+            "batches_consumed": self.consumed,
+            "seed": self.cfg.seed,
+            "world_size": self.world_size,
+            "num_workers": self.cfg.num_workers,
+            "batch_size": self.cfg.batch_size,
+            "index_plan_sha256": self.index.raw.get("plan_sha256"),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume at the saved position.
+
+        Raises:
+            ValueError: When the saved run read with another world size, worker count,
+                batch size, seed or data set: its sample order cannot be restored then.
+        """
+        for key, mine in (
+            ("world_size", self.world_size),
+            ("num_workers", self.cfg.num_workers),
+            ("batch_size", self.cfg.batch_size),
+            ("seed", self.cfg.seed),
+            ("index_plan_sha256", self.index.raw.get("plan_sha256")),
+        ):
+            if state.get(key) != mine:
+                raise ValueError(
+                    f"loader state {key}={state.get(key)!r} differs from this run's {mine!r}; "
+                    "the exact sample order can only be restored with the same value"
+                )
+        self.epoch = int(state["epoch"])
+        self.consumed = int(state["batches_consumed"])
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def __iter__(self) -> Iterator[Any]:
+        plan = self.plan(self.epoch)
+        if self.consumed < plan.batches_per_rank:
+            ds = ShardStream(
+                self.store.uri,
+                plan,
+                rank=self.rank,
+                epoch=self.epoch,
+                seed=self.cfg.seed,
+                sources=self.cfg.sources,
+                transform=self.transform,
+                consumed=self.consumed,
+                shuffle_buffer=self.cfg.shuffle_buffer if self.cfg.shuffle else 1,
+                verify=self.cfg.verify_checksums,
+                counters=self.counters,
+                collate=self.collate,
+            )
+            dl = DataLoader(
+                ds,
+                batch_size=None,
+                num_workers=self.cfg.num_workers,
+                persistent_workers=False,
+                prefetch_factor=2 if self.cfg.num_workers else None,
+            )
+            for batch in dl:
+                self.consumed += 1
+                yield batch
+        self.epoch += 1
+        self.consumed = 0
+
+
+def build_loader(
+    cfg: DataConfig, transform: Callable | None = None, *, rank: int = 0, world_size: int = 1
+) -> ShardLoader:
+    """The loader of ``cfg`` for one rank (see :class:`ShardLoader`)."""
+    return ShardLoader(cfg, transform, rank=rank, world_size=world_size)

@@ -1,0 +1,203 @@
+"""Discover raw inputs: labelled class folders, caption files (JSONL/CSV), unlabelled folders.
+
+Discovery never reads image bytes; it lists files and parses caption files, and turns
+every problem it can see (a caption line that does not parse, a path that does not
+exist) into a :class:`BadInput` instead of an exception.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["IMAGE_EXTENSIONS", "InputItem", "BadInput", "Discovery", "discover"]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+SOURCES = ("labelled", "captioned", "unlabelled")
+
+
+@dataclass(frozen=True)
+class InputItem:
+    """One raw sample to shard."""
+
+    source: str
+    """``labelled``, ``captioned`` or ``unlabelled``."""
+    id: str
+    """Original id: the path relative to its source root (or caption file line)."""
+    path: str
+    """Absolute path of the image file."""
+    split: str
+    """``train`` or ``eval``."""
+    label: str | None = None
+    """Class name, for labelled samples."""
+    caption: str | None = None
+    """Caption, for image-text samples."""
+    size: int = 0
+    """File size in bytes at discovery (part of the plan hash, to notice changed inputs)."""
+
+    @property
+    def key(self) -> str:
+        """The WebDataset sample key: stable, unique per (source, id), no dots."""
+        return f"{self.source}_{hashlib.sha1(f'{self.source}/{self.id}'.encode()).hexdigest()[:20]}"
+
+
+@dataclass(frozen=True)
+class BadInput:
+    """An input that was skipped, and why."""
+
+    source: str
+    id: str
+    reason: str
+
+
+@dataclass
+class Discovery:
+    items: list[InputItem]
+    bad: list[BadInput]
+    classes: list[str]
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
+def _walk_images(root: Path) -> list[Path]:
+    out = []
+    for dirpath, dirnames, files in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        out.extend(Path(dirpath) / f for f in files if _is_image(f))
+    return sorted(out)
+
+
+def _require_dir(kind: str, root: str) -> Path:
+    p = Path(root).expanduser()
+    if not p.is_dir():
+        raise ValueError(f"shard.{kind}={root!r} is not a folder")
+    return p.resolve()
+
+
+def _class_folders(kind: str, root: str, split: str, items: list[InputItem], bad: list[BadInput]) -> set[str]:
+    base = _require_dir(kind, root)
+    classes = set()
+    subdirs = sorted(d for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not subdirs:
+        raise ValueError(f"shard.{kind}={root!r} has no class sub-folders (expected root/<class>/<image>)")
+    for d in subdirs:
+        classes.add(d.name)
+        for f in _walk_images(d):
+            rel = f.relative_to(base).as_posix()
+            items.append(InputItem("labelled", f"{base.name}/{rel}", str(f), split, label=d.name, size=f.stat().st_size))
+    return classes
+
+
+def _caption_rows(path: Path) -> list[tuple[int, dict | None, str | None]]:
+    """(line number, row or None, error or None) for each non-empty row of a JSONL or CSV file."""
+    rows: list[tuple[int, dict | None, str | None]] = []
+    if path.suffix.lower() == ".csv":
+        with open(path, newline="", encoding="utf-8", errors="replace") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or "image" not in reader.fieldnames:
+                raise ValueError(f"shard.captions={str(path)!r}: a CSV needs a header with 'image' and 'caption' columns")
+            for i, row in enumerate(reader, start=2):
+                rows.append((i, row, None))
+        return rows
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for i, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                rows.append((i, None, f"line {i} is not JSON: {e.msg}"))
+                continue
+            if not isinstance(row, dict):
+                rows.append((i, None, f"line {i} is not a JSON object"))
+                continue
+            rows.append((i, row, None))
+    return rows
+
+
+def _captions(root: str, items: list[InputItem], bad: list[BadInput]) -> None:
+    path = Path(root).expanduser()
+    if not path.is_file():
+        raise ValueError(f"shard.captions={root!r} is not a file")
+    if path.suffix.lower() not in (".jsonl", ".json", ".csv"):
+        raise ValueError(f"shard.captions={root!r} must be a .jsonl or .csv file")
+    path = path.resolve()
+    for line, row, err in _caption_rows(path):
+        rid = f"{path.name}:{line}"
+        if err is not None:
+            bad.append(BadInput("captioned", rid, err))
+            continue
+        image = row.get("image")
+        caption = row.get("caption", row.get("text"))
+        if not isinstance(image, str) or not image:
+            bad.append(BadInput("captioned", rid, f"line {line} has no 'image' path"))
+            continue
+        if not isinstance(caption, str) or not caption.strip():
+            bad.append(BadInput("captioned", rid, f"line {line} has no 'caption' text"))
+            continue
+        img = (path.parent / image).resolve()
+        if not img.is_file():
+            bad.append(BadInput("captioned", rid, f"missing file {image}"))
+            continue
+        items.append(
+            InputItem("captioned", f"{path.name}/{image}", str(img), "train", caption=caption.strip(), size=img.stat().st_size)
+        )
+
+
+def _unlabelled(root: str, items: list[InputItem]) -> None:
+    base = _require_dir("unlabelled", root)
+    for f in _walk_images(base):
+        rel = f.relative_to(base).as_posix()
+        items.append(InputItem("unlabelled", f"{base.name}/{rel}", str(f), "train", size=f.stat().st_size))
+
+
+def discover(
+    labelled: tuple[str, ...] = (),
+    captions: tuple[str, ...] = (),
+    unlabelled: tuple[str, ...] = (),
+    eval_labelled: tuple[str, ...] = (),
+) -> Discovery:
+    """List every input of every source.
+
+    Args:
+        labelled: Folders of class sub-folders (train split).
+        captions: JSONL or CSV files of image path and caption.
+        unlabelled: Folders of images.
+        eval_labelled: Folders of class sub-folders for the held-out ``eval`` split.
+
+    Returns:
+        The items (deduplicated by (source, id)), the bad inputs, and the sorted class names.
+
+    Raises:
+        ValueError: When a named folder or file does not exist or has the wrong layout, or
+            when no input is given at all.
+    """
+    if not (labelled or captions or unlabelled or eval_labelled):
+        raise ValueError("shard: no inputs; set at least one of shard.labelled, shard.captions, shard.unlabelled")
+    items: list[InputItem] = []
+    bad: list[BadInput] = []
+    classes: set[str] = set()
+    for root in labelled:
+        classes |= _class_folders("labelled", root, "train", items, bad)
+    for root in eval_labelled:
+        classes |= _class_folders("eval_labelled", root, "eval", items, bad)
+    for root in captions:
+        _captions(root, items, bad)
+    for root in unlabelled:
+        _unlabelled(root, items)
+    seen: set[tuple[str, str, str]] = set()
+    unique = []
+    for it in items:
+        k = (it.split, it.source, it.id)
+        if k in seen:
+            bad.append(BadInput(it.source, it.id, "duplicate input"))
+            continue
+        seen.add(k)
+        unique.append(it)
+    return Discovery(unique, bad, sorted(classes))
