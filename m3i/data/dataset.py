@@ -125,11 +125,14 @@ class ShardStream(IterableDataset):
         url = f"{self.base_uri}/{shard.key}"
         rng = np.random.default_rng(derive_seed("buffer", self.seed, self.epoch, shard.key))
         buf: list[dict[str, Any]] = []
+        expected = sum(n for src, n in shard.sources.items() if src in self.sources)
+        seen = 0
         try:
             for raw in _iter_tar(url, shard.sha256 if self.verify else None):
                 src = json.loads(raw["json"]).get("source") if "json" in raw else "unlabelled"
                 if src not in self.sources:
                     continue
+                seen += 1
                 if len(buf) < self.shuffle_buffer:
                     buf.append(raw)
                     continue
@@ -139,6 +142,10 @@ class ShardStream(IterableDataset):
         except Exception as e:  # noqa: BLE001 - any read failure of a shard is survivable
             self.counters.add("shards_failed")
             log.warning("skipping the rest of shard %s: %s: %s", url, type(e).__name__, e)
+        else:
+            if seen < expected:  # a tar cut short can end "cleanly" at a member boundary
+                self.counters.add("shards_failed")
+                log.warning("shard %s ended after %d of %d samples (truncated?)", url, seen, expected)
         for j in rng.permutation(len(buf)):
             yield buf[j]
 
@@ -166,7 +173,10 @@ class ShardStream(IterableDataset):
 
     def __iter__(self) -> Iterator[Any]:
         info = get_worker_info()
-        worker = info.id if info is not None else 0
+        # The DataLoader starts each iteration at its worker 0, but after a resume at
+        # batch k the next batch belongs to plan worker k % W: rotate the mapping.
+        w = max(1, self.plan.num_workers)
+        worker = ((info.id if info is not None else 0) + self.consumed) % w
         wr = self.plan.worker_range(self.rank, worker, self.consumed)
         bs = self.plan.batch_size
         first = wr.start + wr.skip_batches * bs

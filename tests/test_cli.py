@@ -1,0 +1,52 @@
+import json
+import subprocess
+import sys
+
+from m3i.cli import main
+
+
+def test_demo_runs_the_main_job_end_to_end(tmp_path, capsys):
+    assert main(["-q", "demo", "--workdir", str(tmp_path / "w"), "--set", "data.batch_size=64"]) == 0
+    out = capsys.readouterr().out
+    assert "[1/3] demo data" in out and "[2/3] shards" in out and "[3/3] loader" in out
+    assert "2560 samples in 10 shards" in out
+    assert "40 batches x 64 = 2560 images" in out and "images/s" in out
+    index = json.loads((tmp_path / "w" / "shards" / "index.json").read_text())
+    assert index["totals"]["samples"] == 2880
+
+
+def test_demo_data_and_shard_subcommands(tmp_path, capsys):
+    raw = tmp_path / "raw"
+    assert main(["demo-data", "--out", str(raw), "--size", "32"]) == 0
+    assert main(["-q", "shard", "--labelled", str(raw / "labelled"), "--out", str(tmp_path / "s"), "--eval-fraction", "0.1"]) == 0
+    out = capsys.readouterr().out
+    assert "eval" in out and "labelled" in out
+    index = json.loads((tmp_path / "s" / "index.json").read_text())
+    assert index["config"]["eval_fraction"] == 0.1 and index["splits"]["eval"]["samples"] > 0
+
+
+def test_bad_value_exits_2_with_one_clear_line(tmp_path, capsys):
+    code = main(["shard", "--unlabelled", str(tmp_path), "--set", "shard.jpeg_quality=0"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip() == "m3i shard: error: shard.jpeg_quality=0 is out of range; allowed [1, 100]"
+
+
+def test_storage_failure_exits_1(tmp_path, capsys, monkeypatch):
+    from tests.conftest import free_port
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("M3I_S3_RETRIES", "2")
+    monkeypatch.setenv("M3I_S3_BACKOFF", "0.01")
+    (tmp_path / "u").mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "u" / "a.png")
+    code = main(["-q", "shard", "--unlabelled", str(tmp_path / "u"), "--out", "s3://bucket/x"])
+    assert code == 1
+    assert "failed after 2 attempts" in capsys.readouterr().err
+
+
+def test_console_entry_point():
+    r = subprocess.run([sys.executable, "-m", "m3i", "--version"], capture_output=True, text=True, check=True)
+    assert r.stdout.startswith("m3i ")
