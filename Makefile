@@ -16,7 +16,7 @@ TORCHX := torchx==0.7.0 pyre-extensions==0.0.32 typing-inspect==0.9.0 mypy-exten
           docstring-parser==0.18.0 importlib-metadata==8.7.0 zipp==4.1.2 docker==7.2.0 \
           filelock==4.3.1 fsspec==2026.9.0 tabulate==0.10.0
 
-.PHONY: install demo test clean
+.PHONY: install services demo test clean
 
 install: $(STAMP)
 
@@ -29,7 +29,11 @@ $(STAMP): pyproject.toml Makefile
 demo: install
 	$(BIN)/m3i demo
 
-test: install
+# Prometheus and its Pushgateway (Debian packages) for the metrics tests.
+services:
+	bash scripts/install-services.sh
+
+test: install services
 	$(BIN)/pytest -q
 
 clean:
