@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import multiprocessing as mp
+import signal
 from collections import deque
 from typing import Any, Callable, Iterator
 
@@ -173,6 +174,10 @@ class ShardStream(IterableDataset):
 
     def __iter__(self) -> Iterator[Any]:
         info = get_worker_info()
+        if info is not None:
+            # torchrun and Kubernetes signal the whole process group on shutdown; the main
+            # process turns SIGTERM into a checkpoint and then stops its workers itself.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         # The DataLoader starts each iteration at its worker 0, but after a resume at
         # batch k the next batch belongs to plan worker k % W: rotate the mapping.
         w = max(1, self.plan.num_workers)

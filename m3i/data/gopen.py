@@ -9,22 +9,26 @@ and resume-on-disconnect.
 from __future__ import annotations
 
 import importlib
+import os
 from typing import BinaryIO
 
 from m3i.storage import S3Store, parse_s3_uri
 
 __all__ = ["register_s3_scheme", "open_url"]
 
-_stores: dict[str, S3Store] = {}
+# One client per (process, bucket): clients hold connection pools, and a pool inherited
+# through fork would share sockets between DataLoader workers.
+_stores: dict[tuple[int, str], S3Store] = {}
 
 
 def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **_: object) -> BinaryIO:
     if mode[0] != "r":
         raise ValueError(f"mode={mode!r}: the s3 scheme of gopen only reads; write through m3i.storage")
     bucket, key = parse_s3_uri(url)
-    store = _stores.get(bucket)
-    if store is None:  # one client per bucket and process: clients hold connection pools
-        store = _stores[bucket] = S3Store(f"s3://{bucket}")
+    slot = (os.getpid(), bucket)
+    store = _stores.get(slot)
+    if store is None:
+        store = _stores[slot] = S3Store(f"s3://{bucket}")
     return store.open_read(key)
 
 

@@ -30,6 +30,8 @@ class ImageTransform:
 
     def __init__(self, size: int) -> None:
         self.size = size
+        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
     def __call__(self, sample: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, Any]:
         img: Image.Image = sample["image"]
@@ -41,7 +43,7 @@ class ImageTransform:
         img = img.crop((left, top, left + self.size, top + self.size))
         x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(self.size, self.size, 3)
         x = x.permute(2, 0, 1).float().div_(255)
-        x = (x - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        x = (x - self.mean) / self.std
         return {"image": x, "cls": torch.tensor(sample["cls"], dtype=torch.long)}
 
 

@@ -63,7 +63,7 @@ def _plan_units(cfg: ShardConfig, items: list[InputItem]) -> list[tuple[str, int
 def _unit_hash(cfg_hash: str, items: list[InputItem]) -> str:
     h = hashlib.sha256(cfg_hash.encode())
     for it in items:
-        h.update(json.dumps(asdict(it), sort_keys=True).encode())
+        h.update(f"{it.source}\t{it.id}\t{it.path}\t{it.split}\t{it.label}\t{it.caption}\t{it.size}\n".encode())
     return h.hexdigest()
 
 

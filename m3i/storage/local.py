@@ -14,6 +14,8 @@ from m3i.storage.base import ObjectInfo, StorageError, Store
 __all__ = ["LocalStore"]
 
 _META_SUFFIX = ".m3i-meta.json"
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 class LocalStore(Store):
@@ -41,6 +43,9 @@ class LocalStore(Store):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
         try:
+            # mkstemp makes 0600 files; objects get the usual mode under the umask, so a
+            # reader running as another user (a shared volume) can read them.
+            os.fchmod(fd, 0o666 & ~_UMASK)
             with os.fdopen(fd, "wb") as f:
                 writer(f)
                 f.flush()
@@ -52,6 +57,7 @@ class LocalStore(Store):
 
     def _write_meta(self, key: str, metadata: dict[str, str] | None) -> None:
         mp = self._meta_path(key)
+        metadata = {k: v for k, v in (metadata or {}).items() if k != "content-type"}  # files have no type
         if metadata:
             self._atomic_write(mp, lambda f: f.write(json.dumps(metadata).encode()))
         else:
