@@ -17,8 +17,25 @@ import yaml
 
 from m3i.config.core import apply_overrides, from_dict, to_dict
 from m3i.config.data import DataConfig, ShardConfig
+from m3i.config.launch import LaunchConfig
+from m3i.config.metrics import MetricsConfig
+from m3i.config.model import ModelConfig, ObjectiveConfig
+from m3i.config.train import CheckpointConfig, TrainConfig
 
-__all__ = ["Config", "DataConfig", "ShardConfig", "load_config", "list_presets", "to_dict"]
+__all__ = [
+    "CheckpointConfig",
+    "Config",
+    "DataConfig",
+    "LaunchConfig",
+    "MetricsConfig",
+    "ModelConfig",
+    "ObjectiveConfig",
+    "ShardConfig",
+    "TrainConfig",
+    "load_config",
+    "list_presets",
+    "to_dict",
+]
 
 
 @dataclass(frozen=True)
@@ -30,6 +47,24 @@ class Config:
 
     data: DataConfig = field(default_factory=DataConfig)
     """The loader that feeds training and evaluation."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The networks: image encoder, projector, predictor, EMA target, class and text heads."""
+
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    """The M3I objective: branches, weights, masking, image mixing and the two-view augmentation."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """``m3i train``: DeepSpeed engine, optimiser and schedule."""
+
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoint policy: interval, retention, resume."""
+
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    """Training metrics: the per-rank Prometheus endpoint and the final Pushgateway push."""
+
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    """``m3i launch``: scheduler, image, nodes x processes, resources and pod policy of a training job."""
 
 
 def list_presets() -> list[str]:

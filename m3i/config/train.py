@@ -1,0 +1,109 @@
+"""Config sections of training: ``train`` (engine, optimiser, schedule) and ``checkpoint``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from m3i.config.core import check_choice, check_positive, check_range
+
+__all__ = ["TrainConfig", "CheckpointConfig"]
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How ``m3i train`` optimises: DeepSpeed engine, AdamW, warm-up + cosine schedule."""
+
+    output: str = "m3i-data/run"
+    """Run folder or ``s3://`` prefix: checkpoints and the final summary go under it."""
+
+    run_id: str = ""
+    """Names the run in metrics and checkpoints; empty derives it from ``output``."""
+
+    steps: int = 1000
+    """Optimizer steps in all (the schedules and the EMA momentum run over them)."""
+
+    grad_accum: int = 1
+    """Micro-batches per optimizer step on each rank (``data.batch_size`` is the micro-batch)."""
+
+    lr: float = 1.5e-4
+    """Peak learning rate at a global batch of 256 images; scaled linearly with the real global batch.
+    [sim: 6.25e-5 x 4096/256 = 1e-3 at 4096; ours is higher for short runs]"""
+
+    min_lr: float = 1e-6
+    """Learning rate at the end of the cosine decay."""
+
+    warmup_steps: int = 100
+    """Linear warm-up steps from 0 to the peak rate. [sim: 40 epochs]"""
+
+    weight_decay: float = 0.05
+    """AdamW weight decay, not applied to norms, biases, tokens and position embeddings. [sim: 0.05]"""
+
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas. [sim: beta2 0.95]"""
+
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 turns clipping off). [sim: 1.0]"""
+
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimizer states), 2 (+gradients), 3 (+parameters)."""
+
+    precision: str = "fp32"
+    """``fp32``, ``bf16`` or ``fp16`` (mixed precision with loss scaling)."""
+
+    seed: int = 0
+    """Seed of model initialisation; data order and per-sample draws follow ``data.seed``."""
+
+    max_bad_steps: int = 5
+    """Abort after this many NaN/inf losses in a row (each one is skipped and counted)."""
+
+    log_every: int = 10
+    """Print a progress line every this many steps (rank 0)."""
+
+    backend: str = "auto"
+    """torch.distributed backend: ``auto`` (NCCL with GPUs, gloo without), ``nccl`` or ``gloo``."""
+
+    def __post_init__(self) -> None:
+        s = "train"
+        if not self.output:
+            raise ValueError("train.output='' is not allowed; give a folder or s3://bucket/prefix")
+        check_range(s, "steps", self.steps, 1)
+        check_range(s, "grad_accum", self.grad_accum, 1)
+        check_positive(s, "lr", self.lr)
+        check_range(s, "min_lr", self.min_lr, 0.0)
+        if self.min_lr > self.lr:
+            raise ValueError(f"train.min_lr={self.min_lr} is above train.lr={self.lr}; allowed min_lr <= lr")
+        check_range(s, "warmup_steps", self.warmup_steps, 0)
+        check_range(s, "weight_decay", self.weight_decay, 0.0)
+        if len(self.betas) != 2:
+            raise ValueError(f"train.betas={self.betas!r} must be two numbers")
+        for b in self.betas:
+            check_range(s, "betas", b, 0.0, 1.0, hi_open=True)
+        check_range(s, "grad_clip", self.grad_clip, 0.0)
+        check_choice(s, "zero_stage", self.zero_stage, (0, 1, 2, 3))
+        check_choice(s, "precision", self.precision, PRECISIONS)
+        check_range(s, "max_bad_steps", self.max_bad_steps, 1)
+        check_range(s, "log_every", self.log_every, 1)
+        check_choice(s, "backend", self.backend, ("auto", "nccl", "gloo"))
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """When and where checkpoints go; the checkpointer owns this policy."""
+
+    interval_steps: int = 500
+    """Save every this many optimizer steps (and always at the end and on SIGTERM)."""
+
+    keep_last: int = 3
+    """Complete checkpoints kept; older ones are deleted after a newer one completes."""
+
+    resume: bool = True
+    """Resume from the latest complete checkpoint under ``train.output`` at start."""
+
+    staging_dir: str = ""
+    """Node-local folder where DeepSpeed writes before upload; empty uses a temp folder."""
+
+    def __post_init__(self) -> None:
+        check_range("checkpoint", "interval_steps", self.interval_steps, 1)
+        check_range("checkpoint", "keep_last", self.keep_last, 1)

@@ -1,0 +1,303 @@
+"""The M3I model: registry and factory, shapes, gradients, EMA, positions, text encoder, export keys."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import timm
+import torch
+
+from m3i.config import Config, load_config
+from m3i.models import (
+    EMATarget,
+    M3IModel,
+    Predictor,
+    TextEncoder,
+    backbone_kwargs,
+    build_model,
+    create_backbone,
+    create_model,
+    ema_momentum,
+    grid_positions,
+    list_models,
+    patch_tokens,
+    pool_tokens,
+    resolve_backbone,
+)
+from m3i.text import ByteTokenizer
+from m3i.transforms import block_mask, num_masked
+
+TINY_HEADS = [
+    "model.proj_dim=32",
+    "model.predictor_depth=1",
+    "model.predictor_heads=4",
+    "model.text_width=32",
+    "model.text_depth=1",
+    "model.text_heads=4",
+    "model.text_max_len=32",
+    "model.embed_dim=32",
+]
+
+
+def tiny_cfg(*overrides: str, backbone: str = "m3i_vit_micro", size: int = 32, patch: int = 8) -> Config:
+    return load_config(
+        None,
+        overrides=[
+            f"data.image_size={size}",
+            f"model.patch_size={patch}",
+            f"model.backbone={backbone}",
+            *TINY_HEADS,
+            *overrides,
+        ],
+    )
+
+
+def make_batch(cfg: Config, n: int = 6, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A synthetic collated batch: a third labelled, a third captioned, a third neither."""
+    g = torch.Generator().manual_seed(seed)
+    size, patch = cfg.data.image_size, cfg.model.patch_size
+    grid = (size // patch, size // patch)
+    count = num_masked(grid[0] * grid[1], cfg.objective.mask_ratio)
+    tok = ByteTokenizer(cfg.model.text_max_len)
+    cls = torch.tensor([i % 4 if i % 3 == 0 else -1 for i in range(n)])
+    txt = [f"caption {i} ünïcode" if i % 3 == 1 else "" for i in range(n)]
+    geom = torch.stack(
+        [torch.tensor([0.1 * (i % 3), 0.2, 0.8 + 0.1 * (i % 2), 0.7, float(i % 2)]) for i in range(n)]
+    )
+    return {
+        "v1": torch.randn(n, 3, size, size, generator=g),
+        "v2": torch.randn(n, 3, size, size, generator=g),
+        "geom": geom,
+        "mask": torch.stack([block_mask(g, grid, count, 4) for _ in range(n)]),
+        "cls": cls,
+        "tokens": tok.encode_batch(txt),
+        "has_txt": torch.tensor([bool(t) for t in txt]),
+    }
+
+
+# ----------------------------------------------------------------------------- registry / factory
+
+
+def test_registry_lists_the_variants():
+    names = list_models()
+    assert {"m3i_vit_micro", "m3i_vit_tiny", "m3i_vit_small", "m3i_vit_base"} <= set(names)
+    assert resolve_backbone("m3i_vit_small").timm_name == "vit_small_patch16_224"
+    assert resolve_backbone("vit_base_patch16_224").timm_name == "vit_base_patch16_224"
+    assert create_model is build_model
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_shapes_for_each_registered_backbone(name):
+    cfg = tiny_cfg(backbone=name, size=32, patch=16)
+    model = build_model(cfg, num_classes=5)
+    n, d = 3, model.backbone.num_features
+    batch = make_batch(cfg, n)
+    with torch.no_grad():
+        tokens = patch_tokens(model.backbone, batch["v1"])
+        assert tokens.shape == (n, 4, d)
+        assert model.encode(batch["v1"]).shape == (n, d)
+        assert model.target(batch["v2"]).shape == (n, 4, cfg.model.proj_dim)
+        assert model.embed_image(batch["v1"]).shape == (n, cfg.model.embed_dim)
+        assert model.embed_text(batch["tokens"]).shape == (n, cfg.model.embed_dim)
+        out = model(batch)
+    keys = ("loss", "loss_img", "loss_cls", "loss_txt", "n_img", "n_cls", "n_txt")
+    for key in (*keys, "target_std", "ema_momentum", "temperature", "acc_cls"):
+        assert out[key].shape == () and torch.isfinite(out[key]), key
+
+
+@pytest.mark.parametrize("name", ["deit_tiny_patch16_224", "vit_tiny_patch16_224"])
+def test_any_timm_vit_name_is_accepted(name):
+    cfg = tiny_cfg(backbone=name, size=32, patch=16)
+    model = build_model(cfg, num_classes=2)
+    out = model(make_batch(cfg, 2))
+    assert torch.isfinite(out["loss"])
+
+
+@pytest.mark.parametrize("name,match", [("not_a_model", "not known"), ("resnet18", "VisionTransformer")])
+def test_unknown_or_non_vit_backbones_are_rejected(name, match):
+    with pytest.raises(ValueError, match=match):
+        create_backbone(tiny_cfg(backbone=name))
+
+
+def test_patch_size_and_image_size_come_from_config():
+    cfg = tiny_cfg(size=48, patch=8)
+    bb = create_backbone(cfg)
+    assert tuple(bb.patch_embed.grid_size) == (6, 6) and bb.patch_embed.patch_size == (8, 8)
+    with pytest.raises(ValueError, match="multiple"):
+        create_backbone(tiny_cfg(size=36, patch=8))
+
+
+def test_category_only_without_classes_is_refused():
+    cfg = tiny_cfg("objective.use_img=false", "objective.use_txt=false")
+    with pytest.raises(ValueError, match="num_classes"):
+        build_model(cfg)
+    assert build_model(cfg, num_classes=3).use_cls
+
+
+# ----------------------------------------------------------------------------- gradients / EMA
+
+
+@pytest.mark.parametrize("mix", [True, False])
+def test_gradients_reach_online_and_never_ema(mix):
+    cfg = tiny_cfg(f"objective.mix_images={mix}")
+    model = build_model(cfg, num_classes=4)
+    model(make_batch(cfg, 7))["loss"].backward()
+    online = {n: p for n, p in model.named_parameters() if not n.startswith("target.")}
+    missing = [n for n, p in online.items() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing, missing
+    assert all(p.grad.abs().sum() > 0 for n, p in online.items() if n.endswith("weight") and p.ndim == 2)
+    target = [p for n, p in model.named_parameters() if n.startswith("target.")]
+    assert target and all(not p.requires_grad and p.grad is None for p in target)
+
+
+def test_ema_target_is_saved_and_stays_in_eval():
+    cfg = tiny_cfg("model.drop_path=0.5")
+    model = build_model(cfg, num_classes=2)
+    keys = model.state_dict().keys()
+    assert any(k.startswith("target.backbone.") for k in keys) and "ema_m" in keys
+    model.train()
+    assert model.backbone.training and not model.target.training
+    assert not any(m.training for m in model.target.modules())
+
+
+def test_ema_update_math():
+    cfg = tiny_cfg()
+    model = build_model(cfg, num_classes=2)
+    online = [*model.backbone.parameters(), *model.projector.parameters()]
+    target = [*model.target.backbone.parameters(), *model.target.projector.parameters()]
+    assert all(torch.equal(o, t) for o, t in zip(online, target))  # starts as a copy
+    with torch.no_grad():
+        for t in target:
+            t.fill_(2.0)
+    model.update_ema(0.9)
+    assert all(torch.allclose(t, 0.9 * 2.0 + 0.1 * o, atol=1e-6) for o, t in zip(online, target))
+    before = [t.clone() for t in target]
+    model.update_ema(1.0)
+    assert all(torch.equal(t, b) for t, b in zip(target, before))
+    model.update_ema(0.0)
+    assert all(torch.equal(t, o) for o, t in zip(online, target))
+    assert float(model.ema_m) == 0.0
+
+
+def test_momentum_schedule_end_points():
+    assert ema_momentum(0, 100, 0.995) == pytest.approx(0.995)
+    assert ema_momentum(100, 100, 0.995) == pytest.approx(1.0)
+    assert ema_momentum(50, 100, 0.99) == pytest.approx(0.995)
+    assert ema_momentum(500, 100, 0.99) == pytest.approx(1.0) and ema_momentum(-5, 100, 0.99) == pytest.approx(0.99)
+    ms = [ema_momentum(s, 40, 0.9) for s in range(41)]
+    assert all(a <= b for a, b in zip(ms, ms[1:]))
+    with pytest.raises(ValueError):
+        ema_momentum(0, 0, 0.99)
+    with pytest.raises(ValueError):
+        ema_momentum(0, 10, 1.5)
+
+
+def test_ema_step_uses_the_schedule():
+    model = build_model(tiny_cfg("model.ema_m0=0.9"), num_classes=2)
+    assert model.ema_step(0, 10) == pytest.approx(0.9)
+    out = model(make_batch(tiny_cfg("model.ema_m0=0.9"), 2))
+    assert float(out["ema_momentum"].detach()) == pytest.approx(0.9)
+    assert model.ema_step(10, 10) == pytest.approx(1.0)
+
+
+# ----------------------------------------------------------------------------- embedding / export
+
+
+def test_encode_matches_a_plain_timm_model_with_the_exported_weights():
+    cfg = tiny_cfg()
+    model = build_model(cfg, num_classes=2).eval()
+    name, kwargs = backbone_kwargs(cfg)
+    plain = timm.create_model(name, **kwargs).eval()
+    plain.load_state_dict(model.backbone.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = plain.forward_head(plain.forward_features(x), pre_logits=True)
+        assert torch.allclose(model.encode(x), want, atol=1e-5)
+        assert torch.allclose(pool_tokens(model.backbone, patch_tokens(model.backbone, x)), want, atol=1e-5)
+
+
+def test_patch_tokens_of_a_subset_match_gathered_positions():
+    cfg = tiny_cfg("model.drop_path=0")
+    bb = create_backbone(cfg).eval()
+    x = torch.randn(2, 3, 32, 32)
+    keep = torch.tensor([[0, 5, 15], [3, 4, 9]])
+    with torch.no_grad():
+        sub = patch_tokens(bb, x, keep=keep)
+        assert sub.shape == (2, 3, bb.num_features)
+        # running on a subset is not the same as slicing the full output (attention sees fewer tokens) ...
+        assert not torch.allclose(sub, patch_tokens(bb, x)[torch.arange(2)[:, None], keep], atol=1e-4)
+        # ... but it is the same as running on images whose other patches do not exist: order-free
+        perm = torch.tensor([[2, 0, 1], [1, 2, 0]])
+        shuffled = patch_tokens(bb, x, keep=keep.gather(1, perm))
+        assert torch.allclose(shuffled, sub.gather(1, perm[..., None].expand_as(sub)), atol=1e-5)
+
+
+def test_no_weight_decay_names_exist():
+    model = build_model(tiny_cfg(), num_classes=2)
+    names = model.no_weight_decay()
+    own = dict(model.named_parameters())
+    assert {"backbone.pos_embed", "predictor.mask_token", "logit_scale"} <= names and names <= set(own)
+
+
+# ----------------------------------------------------------------------------- predictor / positions / text
+
+
+def test_predictor_uses_query_positions():
+    torch.manual_seed(0)
+    pred = Predictor(32, 1, 4).eval()
+    grid_pos = grid_positions((4, 4))
+    vis = torch.randn(1, 6, 32)
+    a = pred(vis, grid_pos[None, :6], grid_pos[None, 6:])
+    b = pred(vis, grid_pos[None, :6], grid_pos[None, 6:].flip(1))
+    assert a.shape == (1, 10, 32)
+    assert torch.allclose(a.flip(1), b, atol=1e-5)  # a query's output follows its position
+    assert not torch.allclose(a, b, atol=1e-3)
+    scaled = grid_pos[None, 6:].clone()
+    scaled[..., 2:] = math.log(2.0)
+    assert not torch.allclose(a, pred(vis, grid_pos[None, :6], scaled), atol=1e-3)
+
+
+def test_text_encoder_ignores_padding_and_takes_empty_batches():
+    torch.manual_seed(0)
+    enc = TextEncoder(32, 2, 4, 48).eval()
+    short, long = ByteTokenizer(24), ByteTokenizer(48)  # both fit the texts whole
+    texts = ["a small red star", "ein grüner Kreis"]
+    with torch.no_grad():
+        a = enc(short.encode_batch(texts))
+        b = enc(long.encode_batch(texts))
+        assert torch.allclose(a, b, atol=1e-5)
+        assert enc(long.encode_batch([])).shape == (0, 32)
+        assert not torch.allclose(a[0], a[1], atol=1e-3)
+
+
+def test_ema_target_targets_are_layer_normalised():
+    cfg = tiny_cfg()
+    model: M3IModel = build_model(cfg, num_classes=2)
+    assert isinstance(model.target, EMATarget)
+    t = model.target(torch.randn(2, 3, 32, 32))
+    assert torch.allclose(t.mean(-1), torch.zeros(2, 16), atol=1e-4)
+    assert torch.allclose(t.var(-1, unbiased=False), torch.ones(2, 16), atol=1e-2)
+
+
+def test_mixed_input_holds_a_on_visible_and_b_on_masked_patches(monkeypatch):
+    import m3i.models.m3i as m3i_module
+
+    cfg = tiny_cfg()
+    model = build_model(cfg, num_classes=4)
+    batch = make_batch(cfg, 5)  # pairs (0, 3), (1, 4); sample 2 has a blank partner
+    seen: list[torch.Tensor] = []
+    real = m3i_module.patch_tokens
+
+    def spy(backbone, images, keep=None):
+        if backbone is model.backbone:
+            seen.append(images.detach().clone())
+        return real(backbone, images, keep)
+
+    monkeypatch.setattr(m3i_module, "patch_tokens", spy)
+    model(batch)
+    (x,) = seen
+    assert x.shape == (3, 3, 32, 32)
+    pixel_mask = batch["mask"][:3].view(3, 1, 4, 4).repeat_interleave(8, 2).repeat_interleave(8, 3)
+    b_side = torch.cat([batch["v1"][3:], torch.zeros_like(batch["v1"][:1])])
+    assert torch.equal(x, torch.where(pixel_mask, b_side, batch["v1"][:3]))
