@@ -1,0 +1,405 @@
+"""m3i launch: the torchx AppDef, the Volcano Job and PyTorchJob it renders, a real local run."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import yaml
+
+from m3i.config.core import from_dict
+from m3i.config.launch import LaunchConfig
+from m3i.launch import build_appdef, launch, render, to_yaml
+from m3i.launch.cli import add_launch_parser, cmd_launch
+from tests.k8s_schema import assert_valid, errors, validate_core
+
+VOLCANO_CRD = "batch.volcano.sh_jobs.yaml"
+PYTORCHJOB_CRD = "kubeflow.org_pytorchjobs.yaml"
+IMAGE = "ghcr.io/m3i-project/m3i-train:0.1.0"
+SECRET_KEYS = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_REGION"}
+TRAIN_ARGS = ["--preset", "default", "--set", "train.lr=1e-4"]
+METRICS_SET = ["--set", "metrics.port=9400"]  # appended by launch so served and exposed ports agree
+
+
+def gpu_cfg(**kw) -> LaunchConfig:
+    """A GPU node pool job: what a production preset would set."""
+    base = dict(
+        scheduler="kubernetes",
+        nodes=2,
+        nproc_per_node=8,
+        gpus_per_node=8,
+        cpu=90,
+        memory="900Gi",
+        shm_size="64Gi",
+        node_selector={"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"},
+        tolerations=("nvidia.com/gpu:NoSchedule", "pool=gpu:NoExecute"),
+        s3_secret="m3i-s3",
+        namespace="m3i",
+        queue="training",
+        priority_class="m3i-train",
+        service_account="m3i-trainer",
+        max_retries=5,
+    )
+    base.update(kw)
+    return LaunchConfig(**base)
+
+
+def pods(obj: dict) -> list[dict]:
+    """Pod templates of a Volcano Job or PyTorchJob."""
+    if obj["kind"] == "Job":
+        return [t["template"] for t in obj["spec"]["tasks"]]
+    return [r["template"] for r in obj["spec"]["pytorchReplicaSpecs"].values()]
+
+
+def check_pod(tpl: dict, cfg: LaunchConfig) -> None:
+    """The pod policy every Kubernetes target shares."""
+    spec = tpl["spec"]
+    (c,) = spec["containers"]
+    assert c["image"] == cfg.image
+    assert spec["nodeSelector"] == cfg.node_selector
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+    assert {"key": "pool", "operator": "Equal", "value": "gpu", "effect": "NoExecute"} in spec["tolerations"]
+    assert spec["serviceAccountName"] == cfg.service_account and spec["priorityClassName"] == cfg.priority_class
+    assert spec["automountServiceAccountToken"] is False and spec["enableServiceLinks"] is False
+    # /dev/shm: one memory-backed emptyDir of the configured size.
+    vols = {v["name"]: v for v in spec["volumes"]}
+    (shm,) = [m for m in c["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+    assert vols[shm["name"]]["emptyDir"] == {"medium": "Memory", "sizeLimit": cfg.shm_size}
+    assert {m["mountPath"] for m in c["volumeMounts"]} == {"/dev/shm", "/tmp", "/cache"}
+    # S3 credentials only by reference: secret name and key, no value.
+    env = {e["name"]: e for e in c["env"]}
+    for key in SECRET_KEYS:
+        assert "value" not in env[key]
+        assert env[key]["valueFrom"]["secretKeyRef"]["name"] == cfg.s3_secret
+        assert env[key]["valueFrom"]["secretKeyRef"]["key"] == key
+    assert "DS_ACCELERATOR" not in env  # GPUs: DeepSpeed picks CUDA
+    # Guaranteed QoS with GPUs.
+    want = {"cpu": "90", "memory": cfg.memory, "nvidia.com/gpu": str(cfg.gpus_per_node)}
+    assert c["resources"] == {"requests": want, "limits": want}
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    last = cfg.nproc_per_node - 1  # one endpoint per local rank
+    assert [ports["metrics"], ports["metrics-1"], ports[f"metrics-{last}"]] == [9400, 9401, 9400 + last]
+    # Non-root, no privilege, no capabilities, default seccomp, read-only image.
+    sc = c["securityContext"]
+    assert sc["runAsNonRoot"] is True and sc["runAsUser"] == 1000 and sc["privileged"] is False
+    assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"] == {"drop": ["ALL"]}
+    assert sc["seccompProfile"] == {"type": "RuntimeDefault"} and sc["readOnlyRootFilesystem"] is True
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert tpl["metadata"]["labels"]["app.kubernetes.io/component"] == "train"
+    # The pod template is a valid core Pod too (kubernetes-validate, unknown fields rejected).
+    validate_core({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", **tpl["metadata"]}, "spec": spec})
+
+
+# --- AppDef -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("nodes, nproc, gpus", [(1, 2, 0), (4, 8, 8)])
+def test_appdef_runs_m3i_train_under_torchrun(nodes, nproc, gpus):
+    cfg = LaunchConfig(scheduler="kubernetes", nodes=nodes, nproc_per_node=nproc, gpus_per_node=gpus, cpu=16, memory="64Gi",
+                       node_selector={"pool": "train"}, max_retries=2, env=("NCCL_SOCKET_IFNAME=eth0",))
+    app = build_appdef(cfg, TRAIN_ARGS)
+    (role,) = app.roles
+    assert app.name == "m3i-train" and role.image == IMAGE and role.name == "m3i"
+    assert role.num_replicas == nodes and role.min_replicas == nodes and role.max_retries == 2
+    assert role.entrypoint == "bash" and role.args[0] == "-c"
+    cmd = role.args[1]
+    assert cmd.startswith("torchrun ") and f"--nnodes {nodes} --nproc_per_node {nproc}" in cmd
+    assert cmd.endswith("-m m3i train --preset default --set train.lr=1e-4 --set metrics.port=9400")
+    assert ("localhost:0" in cmd) == (nodes == 1)  # multi-node: c10d store on the first pod
+    assert role.resource.cpu == 16 and role.resource.gpu == gpus and role.resource.memMB == 64 * 1024
+    assert role.resource.capabilities == {"pool": "train"}
+    assert role.port_map == {"c10d": 29500, **{("metrics" if r == 0 else f"metrics-{r}"): 9400 + r for r in range(nproc)}}
+    assert role.env["NCCL_SOCKET_IFNAME"] == "eth0" and role.env["OMP_NUM_THREADS"] == str(16 // nproc)
+    assert ("DS_ACCELERATOR" in role.env) == (gpus == 0)
+    assert role.env["TORCH_EXTENSIONS_DIR"] == "/cache/torch_extensions"
+
+
+# --- Volcano Job (torchx kubernetes scheduler) ---------------------------------------------
+
+
+def test_volcano_job_is_valid_and_carries_the_pod_policy():
+    cfg = gpu_cfg()
+    job = render(cfg, TRAIN_ARGS)
+    assert_valid(job, VOLCANO_CRD)
+    assert job["apiVersion"] == "batch.volcano.sh/v1alpha1" and job["kind"] == "Job"
+    assert re.fullmatch(r"m3i-train-[a-z0-9]+", job["metadata"]["name"]) and job["metadata"]["namespace"] == "m3i"
+    spec = job["spec"]
+    assert spec["schedulerName"] == "volcano" and spec["queue"] == "training"
+    assert spec["maxRetry"] == 5 and spec["minAvailable"] == 2 and spec["priorityClassName"] == "m3i-train"
+    assert [t["name"] for t in spec["tasks"]] == ["m3i-0", "m3i-1"]
+    for task in spec["tasks"]:
+        assert task["replicas"] == 1 and task["maxRetry"] == 5
+        assert {"event": "PodEvicted", "action": "RestartJob"} in task["policies"]
+        check_pod(task["template"], cfg)
+        cmd = task["template"]["spec"]["containers"][0]["command"]
+        assert cmd[:2] == ["bash", "-c"]
+        assert cmd[2].endswith("-m m3i train --preset default --set train.lr=1e-4 --set metrics.port=9400")
+        assert task["template"]["spec"]["restartPolicy"] == "Never"
+    # the second pod finds the first through Volcano's svc plugin
+    assert "${VC_M3I_0_HOSTS:=localhost}:29500" in spec["tasks"][1]["template"]["spec"]["containers"][0]["command"][2]
+    assert "svc" in spec["plugins"]
+
+
+def test_volcano_job_matches_the_torchx_cli_dry_run():
+    """Our AppDef is stock dist.ddp: `torchx run --dryrun -s kubernetes` renders the same commands."""
+    cfg = gpu_cfg(nodes=2, nproc_per_node=2, gpus_per_node=2)
+    ours = render(cfg, ["--preset", "default"])  # torchx's CLI refuses a repeated --set
+    cli = [
+        *(sys.executable, "-m", "torchx.cli.main", "run", "--dryrun", "-s", "kubernetes", "-cfg", "queue=training,namespace=m3i"),
+        *("--workspace", "", "dist.ddp", "-j", "2x2", "-m", "m3i", "--image", IMAGE, "--name", "m3i-train", "--gpu", "2"),
+        *("train", "--preset", "default", *METRICS_SET),
+    ]
+    out = subprocess.run(cli, capture_output=True, text=True, timeout=60, check=True).stdout
+    theirs = yaml.safe_load(out.split("=== SCHEDULER REQUEST ===", 1)[1])
+
+    def commands(job: dict) -> list[str]:
+        name = job["metadata"]["name"]
+        return [t["template"]["spec"]["containers"][0]["command"][2].replace(name, "ID") for t in job["spec"]["tasks"]]
+
+    assert commands(ours) == commands(theirs)
+
+
+def test_cpu_job_and_writable_root():
+    cfg = LaunchConfig(scheduler="kubernetes", read_only_root_filesystem=False, s3_secret=None, cpu=3.5)
+    job = render(cfg, [])
+    assert_valid(job, VOLCANO_CRD)
+    (task,) = job["spec"]["tasks"]
+    (c,) = task["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["DS_ACCELERATOR"] == "cpu" and not SECRET_KEYS & set(env)
+    assert c["resources"]["limits"] == {"cpu": "3500m", "memory": "16Gi"}
+    assert c["securityContext"]["readOnlyRootFilesystem"] is False
+    assert [m["mountPath"] for m in c["volumeMounts"]] == ["/dev/shm"]
+    assert "nodeSelector" not in task["template"]["spec"] and "tolerations" not in task["template"]["spec"]
+
+
+# --- PyTorchJob ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("nodes", [1, 4])
+def test_pytorchjob_is_valid_and_carries_the_pod_policy(nodes):
+    cfg = gpu_cfg(kind="pytorchjob", nodes=nodes)
+    job = render(cfg, TRAIN_ARGS)
+    assert_valid(job, PYTORCHJOB_CRD)
+    assert job["apiVersion"] == "kubeflow.org/v1" and job["kind"] == "PyTorchJob" and job["metadata"]["namespace"] == "m3i"
+    spec = job["spec"]
+    assert spec["runPolicy"]["backoffLimit"] == 5 and "elasticPolicy" not in spec and spec["nprocPerNode"] == "8"
+    replicas = {k: v["replicas"] for k, v in spec["pytorchReplicaSpecs"].items()}
+    assert replicas == ({"Master": 1} if nodes == 1 else {"Master": 1, "Worker": nodes - 1})
+    for tpl in pods(job):
+        check_pod(tpl, cfg)
+        (c,) = tpl["spec"]["containers"]
+        assert c["name"] == "pytorch"
+        assert {"name": "pytorchjob-port", "containerPort": 29500, "protocol": "TCP"} in c["ports"]
+        assert c["command"] == [
+            "torchrun", f"--nnodes={nodes}", "--nproc_per_node=8", "--node_rank=$(RANK)", "--master_addr=$(MASTER_ADDR)",
+            "--master_port=$(MASTER_PORT)", "-m", "m3i", "train", *TRAIN_ARGS, *METRICS_SET,
+        ]
+        assert not any(e["name"].startswith("TORCHX_") for e in c["env"])
+    assert "&id" not in to_yaml(job)  # no YAML anchors between the replica specs
+
+
+def test_pytorchjob_escapes_kubernetes_variable_references():
+    job = render(gpu_cfg(kind="pytorchjob"), ["--set", "train.out=$(HOME)/x"], job_name="fixed")
+    assert job["metadata"]["name"] == "fixed"
+    assert job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["command"][-3:] == [
+        "train.out=$$(HOME)/x", *METRICS_SET]
+
+
+@pytest.mark.parametrize("kind", ["volcano", "pytorchjob"])
+def test_no_credential_value_is_rendered(kind, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIA-SENTINEL-ID")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "sentinel-secret-value")
+    text = to_yaml(render(gpu_cfg(kind=kind), TRAIN_ARGS))
+    assert "SENTINEL" not in text and "sentinel" not in text
+
+
+# --- submission, against a fake API server ------------------------------------------------------
+
+
+class FakeCustomObjectsApi:
+    """Records what would be created; the kubernetes client's CustomObjectsApi call shape."""
+
+    def __init__(self, *_, **__):
+        self.created: list[dict] = []
+        FakeCustomObjectsApi.last = self
+
+    def create_namespaced_custom_object(self, group, version, namespace, plural, body):
+        self.created.append({"group": group, "version": version, "namespace": namespace, "plural": plural, "body": body})
+        return {"metadata": {"name": body["metadata"]["name"]}}
+
+
+def test_submit_volcano_sends_the_patched_job(monkeypatch):
+    """The torchx runner schedules our patched request, not torchx's own pods."""
+    from torchx.schedulers.kubernetes_scheduler import KubernetesScheduler
+
+    api = FakeCustomObjectsApi()
+    monkeypatch.setattr(KubernetesScheduler, "_custom_objects_api", lambda self: api)
+    result = launch(gpu_cfg(), TRAIN_ARGS)
+    (call,) = api.created
+    assert (call["group"], call["version"], call["plural"], call["namespace"]) == ("batch.volcano.sh", "v1alpha1", "jobs", "m3i")
+    assert result.state == "SUBMITTED" and result.handle == f"kubernetes://torchx/m3i:{call['body']['metadata']['name']}"
+    assert_valid(call["body"], VOLCANO_CRD)
+    assert call["body"]["spec"]["tasks"][0]["template"]["spec"]["tolerations"]
+
+
+def test_submit_pytorchjob_creates_the_rendered_job(monkeypatch):
+    from kubernetes import client, config
+
+    monkeypatch.setattr(config, "load_incluster_config", lambda: (_ for _ in ()).throw(config.ConfigException("not in a pod")))
+    monkeypatch.setattr(config, "load_kube_config", lambda: None)
+    monkeypatch.setattr(client, "CustomObjectsApi", FakeCustomObjectsApi)
+    result = launch(gpu_cfg(kind="pytorchjob"), TRAIN_ARGS)
+    (call,) = FakeCustomObjectsApi.last.created
+    assert (call["group"], call["version"], call["plural"], call["namespace"]) == ("kubeflow.org", "v1", "pytorchjobs", "m3i")
+    assert result.state == "SUBMITTED" and result.handle == f"m3i:{call['body']['metadata']['name']}"
+    assert_valid(call["body"], PYTORCHJOB_CRD)
+
+
+# --- the schema helper itself ---------------------------------------------------------------
+
+
+def test_strict_schema_catches_misspelled_fields():
+    job = render(gpu_cfg(kind="pytorchjob", nodes=1), [])
+    job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["tolerationz"] = []
+    job["spec"]["runPolicy"]["backofLimit"] = 3
+    found = errors(job, PYTORCHJOB_CRD)
+    assert any("tolerationz" in e for e in found) and any("backofLimit" in e for e in found)
+    assert errors(job, PYTORCHJOB_CRD, strict=False) == []  # plain jsonschema lets both through
+    job["spec"]["runPolicy"]["backoffLimit"] = "three"
+    assert any("'three' is not of type 'integer'" in e for e in errors(job, PYTORCHJOB_CRD, strict=False))
+    with pytest.raises(ValueError, match="does not match CRD"):
+        errors(job, VOLCANO_CRD)
+
+
+# --- local_cwd: a real 2-process run ----------------------------------------------------------
+
+PROBE = """
+import json, os, sys
+if "--fail" in sys.argv:
+    sys.exit(3)
+import torch
+import torch.distributed as dist
+dist.init_process_group("gloo")
+t = torch.tensor([dist.get_rank() + 1.0])
+dist.all_reduce(t)
+keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DS_ACCELERATOR", "OMP_NUM_THREADS",
+        "AWS_ACCESS_KEY_ID", "M3I_PROBE")
+rec = {k: os.environ.get(k) for k in keys}
+rec.update(argv=sys.argv[1:], sum=t.item(), cwd=os.getcwd())
+out = sys.argv[sys.argv.index("--out") + 1]
+with open(os.path.join(out, f"rank-{rec['RANK']}.json"), "w") as f:
+    json.dump(rec, f)
+print(f"probe rank {rec['RANK']} ok", flush=True)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_local_cwd_runs_two_ranks(tmp_path, monkeypatch):
+    (tmp_path / "m3i_launch_probe.py").write_text(textwrap.dedent(PROBE))
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.chdir(tmp_path)  # local_cwd runs in the current folder: `python -m` finds the probe
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "inherited-from-the-shell")
+    cfg = from_dict(LaunchConfig, {"nproc_per_node": 2, "cpu": 2, "env": ["M3I_PROBE=yes"]}, section="launch")
+
+    dry = launch(cfg, ["--out", str(out)], dryrun=True, module="m3i_launch_probe")
+    assert dry.state == "DRYRUN" and "nproc_per_node" in dry.rendered and "m3i_launch_probe" in dry.rendered
+
+    log = io.StringIO()
+    result = launch(cfg, ["--out", str(out)], module="m3i_launch_probe", wait_interval=0.2, log=log)
+    assert (result.state, result.exit_code) == ("SUCCEEDED", 0), log.getvalue()
+    assert "probe rank 0 ok" in log.getvalue() and "probe rank 1 ok" in log.getvalue()  # output streamed back
+    recs = [json.loads((out / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    for r, rec in enumerate(recs):
+        assert rec["RANK"] == str(r) and rec["LOCAL_RANK"] == str(r) and rec["WORLD_SIZE"] == "2"
+        assert rec["MASTER_ADDR"] and rec["MASTER_PORT"]
+        assert rec["sum"] == 3.0  # gloo all_reduce across both ranks
+        assert rec["argv"] == ["train", "--out", str(out)]
+        assert rec["DS_ACCELERATOR"] == "cpu" and rec["OMP_NUM_THREADS"] == "1"
+        assert rec["AWS_ACCESS_KEY_ID"] == "inherited-from-the-shell" and rec["M3I_PROBE"] == "yes"
+        assert os.path.samefile(rec["cwd"], tmp_path)
+
+    failed = launch(cfg, ["--out", str(out), "--fail"], module="m3i_launch_probe", wait_interval=0.2, log=io.StringIO())
+    assert (failed.state, failed.exit_code) == ("FAILED", 1)
+
+
+# --- config validation and CLI ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "values, needle",
+    [
+        ({"scheduler": "slurm"}, "launch.scheduler='slurm' is not allowed; choose one of ['local_cwd', 'kubernetes']"),
+        ({"kind": "mpijob"}, "launch.kind='mpijob' is not allowed"),
+        ({"image": "ghcr.io/m3i-project/m3i-train:latest"}, "uses the moving tag 'latest'"),
+        ({"image": "ghcr.io/m3i-project/m3i-train"}, "must be a pinned image reference"),
+        ({"nodes": 0}, "launch.nodes=0 is out of range"),
+        ({"cpu": 0}, "launch.cpu=0.0 is out of range"),
+        ({"memory": "32GB"}, "launch.memory: '32GB' is not a Kubernetes quantity"),
+        ({"memory": "16Gi", "shm_size": "16Gi"}, "launch.shm_size='16Gi' must be below launch.memory='16Gi'"),
+        ({"nproc_per_node": 8, "gpus_per_node": 4}, "launch.nproc_per_node=8 exceeds launch.gpus_per_node=4"),
+        ({"tolerations": ["nvidia.com/gpu:NoScheduler"]}, "has effect 'NoScheduler'; choose one of ['NoSchedule'"),
+        ({"tolerations": ["bad key"]}, "launch.tolerations entry 'bad key' is malformed"),
+        ({"node_selector": {"bad key": "x"}}, "launch.node_selector has 'bad key': 'x'"),
+        ({"node_selector": "gpu"}, "launch.node_selector='gpu' must be a mapping"),
+        ({"node_selector": {"pool": ["a"]}}, "launch.node_selector['pool']=['a'] must be a string"),
+        ({"s3_secret": "My_Secret"}, "launch.s3_secret='My_Secret' is not a Kubernetes name"),
+        ({"namespace": "Prod"}, "launch.namespace='Prod' is not a Kubernetes name"),
+        ({"name": "x" * 31}, "at most 30 characters"),
+        ({"metrics_port": 29499, "nproc_per_node": 2}, "launch.rdzv_port=29500 falls in the metrics ports 29499..29500"),
+        ({"metrics_port": 65535, "nproc_per_node": 2}, "launch.metrics_port=65535 + 2 local ranks passes port 65535"),
+        ({"rdzv_port": 80}, "launch.rdzv_port=80 is out of range"),
+        ({"env": ["AWS_SECRET_ACCESS_KEY=oops"]}, "launch.env sets AWS_SECRET_ACCESS_KEY; credentials come only from the Secret"),
+        ({"env": ["NOVALUE"]}, "launch.env entry 'NOVALUE' must look like KEY=VALUE"),
+        ({"run_as_user": 0}, "launch.run_as_user=0 is out of range"),
+        ({"max_retries": -1}, "launch.max_retries=-1 is out of range"),
+        ({"queues": "x"}, "unknown key(s) ['queues']"),
+    ],
+)
+def test_bad_values_name_field_and_value(values, needle):
+    with pytest.raises(ValueError) as e:
+        from_dict(LaunchConfig, values, section="launch")
+    assert needle in str(e.value)
+
+
+def test_config_values_from_yaml_and_set_strings():
+    cfg = from_dict(
+        LaunchConfig,
+        {
+            "node_selector": "cloud.google.com/gke-accelerator=nvidia-h100-80gb,pool=gpu",  # as --set carries it
+            "tolerations": "nvidia.com/gpu:NoSchedule,a=b",
+            "cpu": "7.5",
+            "image": "registry.local:5000/m3i@sha256:" + "a" * 64,
+        },
+        section="launch",
+    )
+    assert cfg.node_selector == {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb", "pool": "gpu"}
+    assert cfg.tolerations == ("nvidia.com/gpu:NoSchedule", "a=b") and cfg.cpu == 7.5
+    hash(cfg)  # frozen and hashable although node_selector is a dict
+    with pytest.raises(ValueError, match="launch.scheduler='local_cwd' renders no Kubernetes object"):
+        render(LaunchConfig(), [])
+
+
+def test_cli_dryrun_prints_a_valid_pytorchjob(capsys):
+    parser = argparse.ArgumentParser(prog="m3i")
+    add_launch_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(
+        ["launch", "--scheduler", "kubernetes", "--kind", "pytorchjob", "--nodes", "2", "--set", "launch.queue=training",
+         "--set", "launch.gpus_per_node=1", "--dryrun", "--", "--preset", "default"]
+    )
+    assert args.func is cmd_launch
+    assert cmd_launch(args) == 0
+    job = yaml.safe_load(capsys.readouterr().out)
+    assert_valid(job, PYTORCHJOB_CRD)
+    assert job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 1
+    (c,) = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"]
+    assert c["command"][-5:] == ["train", "--preset", "default", *METRICS_SET]
