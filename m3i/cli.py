@@ -2,6 +2,8 @@
 
     m3i demo-data [--out DIR]                  built-in demo images, offline
     m3i shard     [--preset P] [--config F] [--set shard.k=v] [--labelled DIR ...]
+    m3i train     [--preset P] [--config F] [--set train.k=v]   (one rank; torchrun for more)
+    m3i launch    [--scheduler local_cwd|kubernetes] [--kind volcano|pytorchjob] [--dryrun] [-- train args]
     m3i demo      demo data -> shards -> one full loader pass, with throughput
 
 Every stage takes ``--preset``, ``--config FILE`` and repeated ``--set section.key=value``.
@@ -122,6 +124,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """One rank of training; run N of them with torchrun or ``m3i launch``."""
+    import os
+
+    from m3i.train import Preempted, train
+
+    cfg = _load(args)
+    try:
+        summary = train(cfg, progress=not args.quiet)
+    except Preempted as e:
+        print(f"m3i train: preempted: {e}", file=sys.stderr)
+        return Preempted.exit_code
+    if int(os.environ.get("RANK", "0")) == 0:
+        loss = summary.last_parts
+        print(
+            f"trained {summary.steps} steps ({summary.samples} samples, {summary.skipped_steps} skipped) in "
+            f"{summary.seconds:.1f}s" + (f", resumed from step {summary.resumed_from}" if summary.resumed_from is not None else "")
+        )
+        if loss:
+            print("final loss " + " ".join(f"{k}={v:.4f}" for k, v in loss.items() if k.startswith("loss")))
+        print(f"checkpoint {summary.checkpoint}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="m3i", description="M3I all-in-one pre-training: shard, train, export, evaluate.")
     parser.add_argument("--version", action="version", version=f"m3i {__version__}")
@@ -144,10 +170,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-fraction", type=float, help="fraction of each labelled class held out (shard.eval_fraction)")
     p.set_defaults(func=cmd_shard)
 
+    p = sub.add_parser("train", help="M3I pre-training, one rank (run under torchrun or `m3i launch` for more)")
+    _config_args(p)
+    p.set_defaults(func=cmd_train)
+
     p = sub.add_parser("demo", help="demo data -> shards -> one loader pass, on this machine")
     _config_args(p, default_preset="demo")
     p.add_argument("--workdir", default="m3i-data", help="where the demo writes (default: %(default)s)")
     p.set_defaults(func=cmd_demo)
+
+    from m3i.launch.cli import add_launch_parser
+
+    add_launch_parser(sub)
     return parser
 
 

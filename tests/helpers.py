@@ -72,3 +72,66 @@ def jpeg_bytes(path: str) -> bytes:
     buf = io.BytesIO()
     Image.open(path).convert("RGB").save(buf, format="JPEG")
     return buf.getvalue()
+
+
+# A model small enough for a few-second CPU run (the m3i_vit_micro variant, 32 px, patch 8).
+TINY_TRAIN = {
+    "model": {
+        "backbone": "m3i_vit_micro",
+        "patch_size": 8,
+        "proj_dim": 32,
+        "predictor_depth": 1,
+        "predictor_heads": 4,
+        "embed_dim": 32,
+        "text_width": 32,
+        "text_depth": 1,
+        "text_heads": 4,
+        "text_max_len": 24,
+        "ema_m0": 0.99,
+    },
+    "data": {"image_size": 32, "batch_size": 8, "num_workers": 1, "shuffle_buffer": 8},
+    "train": {"steps": 6, "warmup_steps": 2, "log_every": 1},
+    "checkpoint": {"interval_steps": 2, "keep_last": 2},
+    "metrics": {"port": 0},
+}
+
+
+def write_train_config(path: Path, shards: str, output: str, **sections: dict[str, Any]) -> Path:
+    """A YAML config of TINY_TRAIN with the data set, the output and per-section overrides."""
+    import copy
+
+    import yaml
+
+    cfg = copy.deepcopy(TINY_TRAIN)
+    cfg["data"]["shards"] = shards
+    cfg["train"]["output"] = output
+    for name, values in sections.items():
+        cfg.setdefault(name, {}).update(values)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def torchrun_cmd(config: Path, nproc: int = 2, *extra: str) -> list[str]:
+    import sys
+
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        "-m", "m3i", "-q", "train", "--config", str(config), *extra,
+    ]
+
+
+def train_env() -> dict[str, str]:
+    import os
+
+    env = dict(os.environ)
+    env.setdefault("DS_ACCELERATOR", "cpu")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "torch_extensions"))
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def final_weights(output: Path, step: int) -> dict[str, Any]:
+    import torch
+
+    sd = torch.load(output / "checkpoints" / f"step-{step:08d}" / "ds" / "mp_rank_00_model_states.pt", weights_only=False)
+    return sd["module"]

@@ -1,0 +1,85 @@
+"""The DeepSpeed engine from our config: ZeRO stage, precision, AdamW, warm-up + cosine."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from m3i.config import Config
+
+__all__ = ["deepspeed_config", "param_groups", "lr_lambda", "peak_lr", "build_engine"]
+
+
+def peak_lr(cfg: Config, world_size: int) -> float:
+    """``train.lr`` scaled linearly from a global batch of 256 to the real one."""
+    global_batch = cfg.data.batch_size * cfg.train.grad_accum * world_size
+    return cfg.train.lr * global_batch / 256
+
+
+def lr_lambda(cfg: Config, peak: float):
+    """Multiplier of the peak rate at each optimizer step: linear warm-up, then cosine to ``min_lr``."""
+    t = cfg.train
+    floor = t.min_lr / peak if peak > 0 else 0.0
+
+    def f(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / (t.warmup_steps + 1)
+        progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay on weight matrices only; norms, biases, tokens and positions undecayed."""
+    skip = set(getattr(model, "no_weight_decay", lambda: set())())
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or name.endswith(".bias") or name in skip:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON config of a run (also written into checkpoints for the record)."""
+    t = cfg.train
+    zero: dict[str, Any] = {"stage": t.zero_stage}
+    if t.zero_stage in (1, 2):
+        # Lets ZeRO-1/2 optimizer shards load into another data-parallel size (resume 2 -> 1 ranks).
+        zero["elastic_checkpoint"] = True
+    return {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": cfg.data.batch_size * t.grad_accum * world_size,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": zero,
+        # A client torch AdamW: DeepSpeed's own Adam would JIT-compile fused kernels.
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": t.precision == "fp16", "initial_scale_power": 16, "loss_scale_window": 500},
+        "steps_per_print": 10**12,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_engine(cfg: Config, model: nn.Module, world_size: int):
+    """(engine, optimizer, scheduler) for ``model`` under ``cfg``."""
+    import deepspeed
+
+    peak = peak_lr(cfg, world_size)
+    opt = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=peak, betas=tuple(cfg.train.betas))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, peak))
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(cfg, world_size)
+    )
+    return engine, optimizer, scheduler

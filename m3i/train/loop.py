@@ -1,0 +1,243 @@
+"""The training loop: it composes the parts (loader, engine, EMA, checkpointer, metrics).
+
+Each part owns its policy: the checkpointer decides when to save, the metrics when
+to export, the loader what comes next. The loop only moves batches through the engine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from m3i import __version__
+from m3i.config import Config, to_dict
+from m3i.data import ShardLoader
+from m3i.models import build_model, ema_momentum
+from m3i.storage import StorageError, open_store
+from m3i.train.checkpoint import Checkpointer
+from m3i.train.dist import DistInfo, all_ok, init_distributed
+from m3i.train.ema import EMAUpdater
+from m3i.train.engine import build_engine, peak_lr
+from m3i.transforms import build_transform
+
+__all__ = ["train", "TrainSummary", "Preempted", "TrainingDiverged"]
+
+log = logging.getLogger(__name__)
+
+
+class Preempted(RuntimeError):
+    """SIGTERM arrived; a complete checkpoint was saved. Exit 143 so a restart policy retries."""
+
+    exit_code = 143
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many non-finite losses in a row; nothing was saved after the first of them."""
+
+
+@dataclass
+class TrainSummary:
+    run_id: str
+    steps: int
+    resumed_from: int | None
+    samples: int
+    seconds: float
+    skipped_steps: int
+    last_parts: dict[str, float] = field(default_factory=dict)
+    checkpoint: str | None = None
+    data_stats: dict[str, int] = field(default_factory=dict)
+
+
+def run_id_of(cfg: Config) -> str:
+    return cfg.train.run_id or "run-" + hashlib.sha1(cfg.train.output.encode()).hexdigest()[:10]
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype | None) -> dict[str, Any]:
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(device, non_blocking=True)
+            if dtype is not None and v.is_floating_point():
+                v = v.to(dtype)
+        out[k] = v
+    return out
+
+
+class _SigTerm:
+    """Turns SIGTERM into a flag the loop checks between steps."""
+
+    def __init__(self) -> None:
+        self.received = False
+        self._old = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = True
+        log.warning("SIGTERM: saving a checkpoint at the next step boundary")
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self._old)
+
+
+def train(cfg: Config, info: DistInfo | None = None, progress: bool = True) -> TrainSummary:
+    """Pre-train with M3I until ``cfg.train.steps``, resuming from the latest checkpoint.
+
+    Run one process per device under torchrun (or a single plain process).
+
+    Returns:
+        The summary of this rank.
+
+    Raises:
+        Preempted: SIGTERM arrived; a complete checkpoint holds the progress.
+        TrainingDiverged: ``train.max_bad_steps`` non-finite losses in a row.
+        ValueError: A bad config value (also for data that does not fit the config).
+        m3i.storage.StorageError: Storage failed after retries.
+    """
+    from m3i.metrics import build_metrics
+
+    t_start = time.monotonic()
+    info = info or init_distributed(cfg.train.backend)
+    run_id = run_id_of(cfg)
+    torch.manual_seed(cfg.train.seed)
+    random.seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed)
+
+    loader = ShardLoader(cfg.data, build_transform(cfg, train=True), rank=info.rank, world_size=info.world_size)
+    num_classes = cfg.model.num_classes or loader.num_classes
+    model = build_model(cfg, num_classes=num_classes)
+    engine, _, scheduler = build_engine(cfg, model, info.world_size)
+    module = engine.module
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
+    ema = EMAUpdater(module, zero3=cfg.train.zero_stage == 3, fp32_master=dtype is not None)
+    ckpt = Checkpointer(cfg.checkpoint, cfg.train.output, info, run_id)
+    metrics = build_metrics(cfg.metrics, info.rank, info.local_rank, run_id, world_size=info.world_size, model=cfg.model.backbone)
+
+    step, resumed_from = 0, None
+    if cfg.checkpoint.resume:
+        ref = ckpt.latest()
+        if ref is not None:
+            client, rank_state = ckpt.load(engine, ref)
+            step = resumed_from = int(client["step"])
+            ema.load_state_dict(client.get("ema", {}))
+            if rank_state is not None:
+                loader.load_state_dict(rank_state["loader"])
+                _set_rng_state(rank_state["rng"])
+            else:  # another world size: same epoch, the same share of it done
+                old = client["loader"]
+                loader.epoch = int(old["epoch"])
+                loader.consumed = min(loader.batches_per_epoch, int(old["batches_consumed"]) * int(old["world_size"]) // info.world_size)
+                log.warning("resumed on %d ranks from a %d-rank checkpoint: data order continues approximately", info.world_size, old["world_size"])
+            if info.is_main:
+                log.info("resumed from %s/%s at step %d", ckpt.store.uri, ref.tag, step)
+
+    meta = {"m3i_version": __version__, "run_id": run_id, "config": to_dict(cfg), "num_classes": num_classes, "data_index_sha256": loader.index.raw.get("plan_sha256"), "inputs_sha256": loader.index.raw.get("inputs_sha256")}
+
+    def save(at: int) -> str:
+        client = {"step": at, "loader": loader.state_dict(), "ema": ema.state_dict(), "meta": meta}
+        rank_state = {"loader": loader.state_dict(), "rng": _rng_state()}
+        ok = False
+        try:
+            seconds = ckpt.save(engine, at, client, rank_state)
+            ok = True
+            metrics.on_checkpoint(seconds, True)
+            if info.is_main:
+                log.info("checkpoint step %d saved in %.1fs", at, seconds)
+        finally:
+            if not ok:
+                metrics.on_checkpoint(0.0, False)
+        return f"{ckpt.store.uri}/checkpoints/step-{at:08d}"
+
+    sigterm = _SigTerm()
+    bar = tqdm(total=cfg.train.steps, initial=step, desc="train", unit="step", disable=not (progress and info.is_main))
+    samples = skipped = bad_streak = micro = 0
+    last: dict[str, float] = {}
+    global_samples = cfg.data.batch_size * info.world_size
+    last_ckpt = None
+    try:
+        while step < cfg.train.steps:
+            t_wait = time.monotonic()
+            for batch in loader:
+                t0 = time.monotonic()
+                wait = t0 - t_wait
+                batch = _to_device(batch, info.device, dtype)
+                # Autocast as well: the model builds some tensors (position features,
+                # masks) in float32 inside forward, next to bf16/fp16 weights.
+                with torch.autocast(info.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                    parts = engine(batch)
+                loss = parts["loss"]
+                if not all_ok(bool(torch.isfinite(loss.detach()).all())):
+                    skipped += 1
+                    bad_streak += 1
+                    metrics.on_skipped_step()
+                    log.warning("step %d: non-finite loss on some rank; skipped (%d in a row)", step, bad_streak)
+                    if bad_streak >= cfg.train.max_bad_steps:
+                        raise TrainingDiverged(
+                            f"{bad_streak} non-finite losses in a row at step {step} (train.max_bad_steps="
+                            f"{cfg.train.max_bad_steps}); the last complete checkpoint is untouched. "
+                            "Lower train.lr, raise train.warmup_steps, or check the data."
+                        )
+                    t_wait = time.monotonic()
+                    continue
+                bad_streak = 0
+                engine.backward(loss)
+                engine.step()
+                micro += 1
+                samples += global_samples
+                if micro % cfg.train.grad_accum:
+                    t_wait = time.monotonic()
+                    continue
+                step += 1
+                m = ema_momentum(step, cfg.train.steps, cfg.model.ema_m0)
+                ema.step(m)
+                last = {k: float(v.detach()) for k, v in parts.items()}
+                branches = {b: int(last.get(f"n_{b}", 0)) * cfg.train.grad_accum for b in ("img", "cls", "txt")}
+                metrics.on_step(step, last, scheduler.get_last_lr()[0], global_samples * cfg.train.grad_accum, time.monotonic() - t0, wait, branch_samples=branches)
+                metrics.on_data_stats(loader.stats())
+                bar.update(1)
+                if info.is_main and (step % cfg.train.log_every == 0 or step == cfg.train.steps):
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", img=f"{last['loss_img']:.3f}", cls=f"{last['loss_cls']:.3f}", txt=f"{last['loss_txt']:.3f}")
+                    if not progress:
+                        log.info("step %d/%d loss %.4f (img %.4f cls %.4f txt %.4f) lr %.2e", step, cfg.train.steps, last["loss"], last["loss_img"], last["loss_cls"], last["loss_txt"], scheduler.get_last_lr()[0])
+                if all_ok(not sigterm.received) is False:
+                    last_ckpt = save(step)
+                    raise Preempted(f"SIGTERM at step {step}; checkpoint {last_ckpt} is complete")
+                if ckpt.due(step) or step == cfg.train.steps:
+                    last_ckpt = save(step)
+                if step >= cfg.train.steps:
+                    break
+                t_wait = time.monotonic()
+        if ckpt.last_saved_step != step:
+            last_ckpt = save(step)
+    finally:
+        bar.close()
+        sigterm.restore()
+
+    summary = TrainSummary(run_id, step, resumed_from, samples, time.monotonic() - t_start, skipped, last, last_ckpt, loader.stats())
+    if info.is_main:
+        open_store(cfg.train.output).write_json("summary.json", summary.__dict__ | {"peak_lr": peak_lr(cfg, info.world_size), "world_size": info.world_size})
+        metrics.push_summary({"steps": step, "samples": samples, "seconds": summary.seconds, "skipped_steps": skipped, **{k: v for k, v in last.items() if k.startswith("loss")}})
+    metrics.close()
+    return summary

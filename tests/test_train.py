@@ -1,0 +1,128 @@
+"""`m3i train` on CPU with gloo: 2 processes, checkpoints, resume, faults, ZeRO stages."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import final_weights, shard_small, small_demo, torchrun_cmd, train_env, write_train_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("train-data")
+    shard_small(small_demo(root / "raw"), str(root / "shards"))
+    return str(root / "shards")
+
+
+def _run(cmd, timeout=240, **kw) -> subprocess.CompletedProcess:
+    r = subprocess.run(cmd, env=train_env(), capture_output=True, text=True, timeout=timeout, **kw)
+    return r
+
+
+def _ok(r: subprocess.CompletedProcess) -> None:
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+
+
+def _summary(output: Path) -> dict:
+    return json.loads((output / "summary.json").read_text())
+
+
+def _assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+def test_kill9_of_one_rank_then_relaunch_resumes_to_identical_weights(shards, tmp_path):
+    steps = {"steps": 10}
+    ref_out = tmp_path / "reference"
+    _ok(_run(torchrun_cmd(write_train_config(tmp_path / "ref.yaml", shards, str(ref_out), train=steps))))
+    reference = final_weights(ref_out, 10)
+
+    out = tmp_path / "killed"
+    cfg = write_train_config(tmp_path / "k.yaml", shards, str(out), train=steps)
+    proc = subprocess.Popen(torchrun_cmd(cfg), env=train_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    marker = out / "checkpoints" / "step-00000004" / "complete.json"
+    deadline = time.monotonic() + 180
+    while not marker.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert marker.exists(), "no checkpoint at step 4 to resume from"
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2
+    os.kill(int(workers[1]), signal.SIGKILL)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert not (out / "checkpoints" / "step-00000010" / "complete.json").exists(), "the run was not interrupted"
+
+    resumed = _run(torchrun_cmd(cfg))
+    _ok(resumed)
+    summary = _summary(out)
+    assert summary["resumed_from"] >= 4 and summary["steps"] == 10
+    _assert_same_weights(final_weights(out, 10), reference)
+
+
+def test_sigterm_saves_a_complete_checkpoint_and_exits_143(shards, tmp_path):
+    import sys
+
+    out = tmp_path / "run"
+    cfg = write_train_config(tmp_path / "c.yaml", shards, str(out), train={"steps": 10_000}, checkpoint={"interval_steps": 3})
+    # One rank, as a pod's main process gets the signal on preemption.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "m3i", "-q", "train", "--config", str(cfg)],
+        env=train_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    marker = out / "checkpoints" / "step-00000003" / "complete.json"
+    deadline = time.monotonic() + 120
+    while not marker.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert marker.exists(), "training never reached step 3"
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    grace = time.monotonic() - t0
+    assert proc.returncode == 143, err[-3000:]
+    assert "preempted: SIGTERM at step" in err
+    steps = sorted(json.loads(p.read_text())["step"] for p in (out / "checkpoints").glob("step-*/complete.json"))
+    assert steps[-1] > 3 and grace < 30  # a new, complete checkpoint well inside a 30 s grace period
+
+
+def test_corrupt_shard_in_the_middle_is_skipped_and_counted(shards, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(shards, data)
+    index = json.loads((data / "index.json").read_text())
+    middle = data / index["splits"]["train"]["shards"][len(index["splits"]["train"]["shards"]) // 2]["key"]
+    middle.write_bytes(middle.read_bytes()[:2500])
+    out = tmp_path / "run"
+    r = _run(torchrun_cmd(write_train_config(tmp_path / "c.yaml", str(data), str(out), train={"steps": 16})))
+    _ok(r)
+    summary = _summary(out)
+    assert summary["steps"] == 16
+    assert summary["data_stats"]["shards_failed"] >= 1 and summary["data_stats"]["samples_padded"] > 0
+
+
+@pytest.mark.parametrize(
+    "zero, precision, resume_nproc",
+    [(0, "bf16", 1), (1, "fp32", 1), (2, "bf16", 1), (3, "fp32", 2)],
+)
+def test_zero_stages_and_precisions_train_save_and_resume(shards, tmp_path, zero, precision, resume_nproc):
+    out = tmp_path / "run"
+    train = {"zero_stage": zero, "precision": precision, "steps": 2}
+    _ok(_run(torchrun_cmd(write_train_config(tmp_path / "a.yaml", shards, str(out), train=train))))
+    first = _summary(out)
+    assert first["steps"] == 2 and first["resumed_from"] is None
+    assert all(v == v for k, v in first["last_parts"].items() if k.startswith("loss"))  # finite
+    # Resume to step 3, on the other world size where ZeRO allows it (2 -> 1 ranks).
+    cfg = write_train_config(tmp_path / "b.yaml", shards, str(out), train={**train, "steps": 3})
+    _ok(_run(torchrun_cmd(cfg, resume_nproc)))
+    second = _summary(out)
+    assert second["resumed_from"] == 2 and second["steps"] == 3 and second["world_size"] == resume_nproc
