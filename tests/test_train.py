@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.prometheus import prometheus_factory  # noqa: F401 - a fixture
 from tests.helpers import final_weights, shard_small, small_demo, torchrun_cmd, train_env, write_train_config
 
 pytestmark = pytest.mark.slow
@@ -126,3 +127,84 @@ def test_zero_stages_and_precisions_train_save_and_resume(shards, tmp_path, zero
     _ok(_run(torchrun_cmd(cfg, resume_nproc)))
     second = _summary(out)
     assert second["resumed_from"] == 2 and second["steps"] == 3 and second["world_size"] == resume_nproc
+
+
+@pytest.mark.prometheus
+def test_prometheus_scrapes_a_two_process_run(shards, tmp_path, prometheus_factory):
+    from tests.prometheus import free_port_pair
+
+    port = free_port_pair()
+    out = tmp_path / "run"
+    cfg = write_train_config(
+        tmp_path / "c.yaml", shards, str(out),
+        train={"steps": 100_000, "run_id": "prom-test"}, checkpoint={"interval_steps": 100_000},
+        metrics={"port": port, "host": "127.0.0.1"},
+    )
+    prom = prometheus_factory([f"127.0.0.1:{port}", f"127.0.0.1:{port + 1}"])
+    proc = subprocess.Popen(torchrun_cmd(cfg), env=train_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        steps = prom.wait_for_series('m3i_train_steps_total{run_id="prom-test"} > 2', 2, timeout=120)
+        assert {s["metric"]["rank"] for s in steps} == {"0", "1"}
+        loss = prom.wait_for_series('m3i_train_loss{part="loss_img"}', 2, timeout=30)
+        assert all(0 < float(s["value"][1]) < 100 for s in loss)
+        samples = prom.query("sum(m3i_train_samples_total)")
+        assert float(samples[0]["value"][1]) > 0
+        assert prom.query("m3i_train_lr") and prom.query("m3i_train_step_seconds_count")
+        assert prom.query('m3i_train_branch_samples_total{branch="txt"} > 0')
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
+def _in_process_train(monkeypatch, tmp_path, shards, bad_calls, **train):
+    """Train in this process (one rank) with NaN losses on the given forward calls."""
+    from m3i.config import load_config
+    from m3i.train import loop
+    from tests.conftest import free_port
+
+    for k, v in train_env().items():
+        if k in ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "OMP_NUM_THREADS"):
+            monkeypatch.setenv(k, v)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.setenv(k, "1" if k == "WORLD_SIZE" else "0")
+    real_build = loop.build_model
+    calls = {"n": 0}
+
+    def build_with_nans(cfg, num_classes=None):
+        model = real_build(cfg, num_classes=num_classes)
+        forward = model.forward
+
+        def poisoned(batch):
+            out = forward(batch)
+            calls["n"] += 1
+            if calls["n"] in bad_calls:
+                out["loss"] = out["loss"] * float("nan")
+            return out
+
+        model.forward = poisoned
+        return model
+
+    monkeypatch.setattr(loop, "build_model", build_with_nans)
+    out = tmp_path / "run"
+    cfg = load_config(None, write_train_config(tmp_path / "c.yaml", shards, str(out), train=train, data={"num_workers": 0}))
+    return out, lambda: loop.train(cfg, progress=False)
+
+
+def test_a_nan_loss_skips_the_step_and_is_counted(shards, tmp_path, monkeypatch):
+    out, run = _in_process_train(monkeypatch, tmp_path, shards, {3}, steps=4)
+    summary = run()
+    assert summary.steps == 4 and summary.skipped_steps == 1
+    assert json.loads((out / "summary.json").read_text())["skipped_steps"] == 1
+
+
+def test_nan_losses_in_a_row_abort_without_saving(shards, tmp_path, monkeypatch):
+    from m3i.train import TrainingDiverged
+
+    out, run = _in_process_train(monkeypatch, tmp_path, shards, set(range(4, 100)), steps=8, max_bad_steps=3)
+    with pytest.raises(TrainingDiverged, match=r"3 non-finite losses in a row at step 3 \(train.max_bad_steps=3\)"):
+        run()
+    saved = sorted(p.parent.name for p in (out / "checkpoints").glob("*/complete.json"))
+    assert saved == ["step-00000002"]  # the interval checkpoint before the NaNs, nothing after
+    assert not (out / "checkpoints" / "step-00000003").exists()
