@@ -4,7 +4,7 @@
     m3i shard     [--preset P] [--config F] [--set shard.k=v] [--labelled DIR ...]
     m3i train     [--preset P] [--config F] [--set train.k=v]   (one rank; torchrun for more)
     m3i launch    [--scheduler local_cwd|kubernetes] [--kind volcano|pytorchjob] [--dryrun] [-- train args]
-    m3i demo      demo data -> shards -> one full loader pass, with throughput
+    m3i demo      demo data -> shards -> one loader pass -> 2-process training, on this machine
 
 Every stage takes ``--preset``, ``--config FILE`` and repeated ``--set section.key=value``.
 Bad values exit with status 2 and one line naming the value; other failures with 1.
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from typing import Sequence
@@ -92,24 +93,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from m3i.data import build_loader
     from m3i.demo import make_demo_data
+    from m3i.launch import launch
     from m3i.shard import shard
 
-    root = Path(args.workdir)
+    root = Path(args.workdir).resolve()
     raw = root / "raw"
     t0 = time.monotonic()
     paths = make_demo_data(raw)
-    print(f"[1/3] demo data: {raw} ({time.monotonic() - t0:.1f}s)")
+    print(f"[1/4] demo data: {raw} ({time.monotonic() - t0:.1f}s)")
+    placed = [
+        f"data.shards={root / 'shards'}",
+        f"train.output={root / 'run'}",
+    ]
     extra = [
         f"shard.out={root / 'shards'}",
         f"shard.labelled={json.dumps([paths['labelled']])}",
         f"shard.captions={json.dumps([paths['captions']])}",
         f"shard.unlabelled={json.dumps([paths['unlabelled']])}",
         f"shard.eval_labelled={json.dumps([paths['eval']])}",
-        f"data.shards={root / 'shards'}",
+        *placed,
     ]
     cfg = _load(args, extra)
     index = shard(cfg.shard, progress=not args.quiet)
-    print("[2/3] shards:")
+    print("[2/4] shards:")
     _print_index(index)
     loader = build_loader(cfg.data)
     t0 = time.monotonic()
@@ -118,9 +124,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
         n += batch["image"].shape[0]
     dt = time.monotonic() - t0
     print(
-        f"[3/3] loader: one epoch of split {cfg.data.split!r}: {len(loader)} batches x {cfg.data.batch_size} = {n} images "
+        f"[3/4] loader: one epoch of split {cfg.data.split!r}: {len(loader)} batches x {cfg.data.batch_size} = {n} images "
         f"at {cfg.data.image_size}px in {dt:.2f}s ({n / dt:.0f} images/s, {cfg.data.num_workers} workers); failures {loader.stats()}"
     )
+    # Training runs as the product runs it: m3i launch -> torchx -> torchrun -> m3i train.
+    train_args = [*(["--preset", args.preset] if args.preset else []), *(["--config", args.config] if args.config else [])]
+    for o in [*args.overrides, *placed]:
+        train_args += ["--set", o]
+    print(f"[4/4] train: {cfg.launch.nodes}x{cfg.launch.nproc_per_node} processes via torchx {cfg.launch.scheduler}, {cfg.train.steps} steps")
+    t0 = time.monotonic()
+    result = launch(cfg.launch, train_args, log=None if not args.quiet else open(os.devnull, "w"))
+    if not result.ok:
+        print(f"m3i demo: training {result.state} ({result.handle})", file=sys.stderr)
+        return result.exit_code
+    from m3i.storage import open_store
+
+    summary = open_store(cfg.train.output).read_json("summary.json")
+    loss = " ".join(f"{k}={v:.4f}" for k, v in summary["last_parts"].items() if k.startswith("loss"))
+    print(
+        f"      {summary['steps']} steps on {summary['world_size']} ranks in {time.monotonic() - t0:.1f}s "
+        f"(training loop {summary['seconds']:.1f}s, {summary['skipped_steps']} skipped); {loss}"
+    )
+    print(f"      checkpoint {summary['checkpoint']}")
     return 0
 
 
@@ -174,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("demo", help="demo data -> shards -> one loader pass, on this machine")
+    p = sub.add_parser("demo", help="demo data -> shards -> loader pass -> 2-process training, on this machine")
     _config_args(p, default_preset="demo")
     p.add_argument("--workdir", default="m3i-data", help="where the demo writes (default: %(default)s)")
     p.set_defaults(func=cmd_demo)

@@ -5,14 +5,22 @@ import sys
 from m3i.cli import main
 
 
-def test_demo_runs_the_main_job_end_to_end(tmp_path, capsys):
-    assert main(["-q", "demo", "--workdir", str(tmp_path / "w"), "--set", "data.batch_size=64"]) == 0
+def test_demo_runs_the_main_job_end_to_end(tmp_path, capsys, monkeypatch):
+    from tests.helpers import train_env
+    from tests.prometheus import free_port_pair
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", train_env()["TORCH_EXTENSIONS_DIR"])
+    argv = ["-q", "demo", "--workdir", str(tmp_path / "w"), "--set", "data.batch_size=64", "--set", "train.steps=3"]
+    argv += ["--set", f"launch.metrics_port={free_port_pair()}"]
+    assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "[1/3] demo data" in out and "[2/3] shards" in out and "[3/3] loader" in out
+    assert "[1/4] demo data" in out and "[2/4] shards" in out and "[3/4] loader" in out and "[4/4] train" in out
     assert "2560 samples in 10 shards" in out
     assert "40 batches x 64 = 2560 images" in out and "images/s" in out
+    assert "3 steps on 2 ranks" in out and "loss_img=" in out
     index = json.loads((tmp_path / "w" / "shards" / "index.json").read_text())
     assert index["totals"]["samples"] == 2880
+    assert (tmp_path / "w" / "run" / "checkpoints" / "step-00000003" / "complete.json").exists()
 
 
 def test_demo_data_and_shard_subcommands(tmp_path, capsys):
