@@ -6,7 +6,9 @@ Imported as ``_common`` by the scripts next to it (``python bench/<name>.py`` pu
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import tempfile
 import logging
 import multiprocessing as mp
 import os
@@ -20,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from m3i.demo import DemoCounts, make_demo_data
 
@@ -259,3 +261,15 @@ class LoopbackS3:
             self._proc.terminate()
             self._proc.join(10)
             self._proc = None
+
+
+@contextlib.contextmanager
+def workdir(path: Path | None, prefix: str) -> Iterator[Path]:
+    """``path`` (created, kept) or a temporary folder removed afterwards."""
+    if path is not None:
+        path = path.resolve()
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        yield Path(tmp)

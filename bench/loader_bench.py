@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import uuid
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from _common import (
     make_inputs,
     print_footer,
     print_header,
+    workdir,
     print_ratio,
     print_table,
     time_runs,
@@ -70,23 +70,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     print_header("P2 loader throughput: m3i ShardLoader vs a plain PIL loop; s3:// vs a local folder")
-    tmp = None
-    if args.workdir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="m3i-bench-loader-")
-        work = Path(tmp.name)
-    else:
-        work = args.workdir.resolve()
-        work.mkdir(parents=True, exist_ok=True)
-    s3 = None
-    try:
-        if not args.no_s3:
-            s3 = LoopbackS3(args.s3_server).start()
-        run(args, work, s3)
-    finally:
-        if s3 is not None:
-            s3.stop()
-        if tmp is not None:
-            tmp.cleanup()
+    with workdir(args.workdir, "m3i-bench-loader-") as work:
+        s3 = None
+        try:
+            if not args.no_s3:
+                s3 = LoopbackS3(args.s3_server).start()
+            run(args, work, s3)
+        finally:
+            if s3 is not None:
+                s3.stop()
 
 
 def plain_epoch(files: list[tuple[Path, int]], transform: ImageTransform, batch_size: int) -> int:

@@ -16,7 +16,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from _common import (
@@ -26,6 +25,7 @@ from _common import (
     make_inputs,
     print_footer,
     print_header,
+    workdir,
     print_ratio,
     print_table,
     time_runs,
@@ -65,18 +65,8 @@ def _fsync(path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     print_header("P1 shard-writing throughput: m3i.shard.shard vs GNU tar -cf")
-    tmp = None
-    if args.workdir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="m3i-bench-shard-")
-        work = Path(tmp.name)
-    else:
-        work = args.workdir.resolve()
-        work.mkdir(parents=True, exist_ok=True)
-    try:
+    with workdir(args.workdir, "m3i-bench-shard-") as work:
         run(args, work)
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
 
 
 def run(args: argparse.Namespace, work: Path) -> None:
