@@ -208,3 +208,24 @@ def test_nan_losses_in_a_row_abort_without_saving(shards, tmp_path, monkeypatch)
     saved = sorted(p.parent.name for p in (out / "checkpoints").glob("*/complete.json"))
     assert saved == ["step-00000002"]  # the interval checkpoint before the NaNs, nothing after
     assert not (out / "checkpoints" / "step-00000003").exists()
+
+
+@pytest.mark.s3
+def test_trains_from_and_checkpoints_to_s3(shards, tmp_path, s3_bucket):
+    from m3i.storage import open_store
+
+    data = open_store(s3_bucket + "/data")
+    for p in sorted(Path(shards).rglob("*")):
+        if p.is_file() and not p.name.startswith("."):
+            data.put_file(p.relative_to(shards).as_posix(), str(p))
+    output = s3_bucket + "/runs/one"
+    _ok(_run(torchrun_cmd(write_train_config(tmp_path / "a.yaml", data.uri, output, train={"steps": 2}))))
+    run = open_store(output)
+    assert run.exists("checkpoints/step-00000002/complete.json")
+    assert json.loads(run.get_bytes("summary.json"))["steps"] == 2
+    _ok(_run(torchrun_cmd(write_train_config(tmp_path / "b.yaml", data.uri, output, train={"steps": 6}))))
+    summary = json.loads(run.get_bytes("summary.json"))
+    assert summary["resumed_from"] == 2 and summary["steps"] == 6
+    # Retention (keep_last=2): steps 4 and 6 remain, step 2 was deleted whole.
+    tags = sorted({o.key.split("/")[1] for o in run.list("checkpoints/")})
+    assert tags == ["step-00000004", "step-00000006"]
