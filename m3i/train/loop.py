@@ -221,7 +221,7 @@ def train(cfg: Config, info: DistInfo | None = None, progress: bool = True) -> T
                     bar.set_postfix(loss=f"{last['loss']:.4f}", img=f"{last['loss_img']:.3f}", cls=f"{last['loss_cls']:.3f}", txt=f"{last['loss_txt']:.3f}")
                     if not progress:
                         log.info("step %d/%d loss %.4f (img %.4f cls %.4f txt %.4f) lr %.2e", step, cfg.train.steps, last["loss"], last["loss_img"], last["loss_cls"], last["loss_txt"], scheduler.get_last_lr()[0])
-                if all_ok(not sigterm.received) is False:
+                if not all_ok(not sigterm.received):
                     last_ckpt = save(step)
                     raise Preempted(f"SIGTERM at step {step}; checkpoint {last_ckpt} is complete")
                 if ckpt.due(step) or step == cfg.train.steps:
