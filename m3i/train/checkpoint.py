@@ -16,9 +16,7 @@ checkpoints (marker first, so a half-deleted checkpoint is never "complete").
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import re
 import shutil
 import tempfile

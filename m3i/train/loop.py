@@ -22,7 +22,8 @@ from m3i import __version__
 from m3i.config import Config, to_dict
 from m3i.data import ShardLoader
 from m3i.models import build_model, ema_momentum
-from m3i.storage import StorageError, open_store
+from m3i.revision import code_revision
+from m3i.storage import open_store
 from m3i.train.checkpoint import Checkpointer
 from m3i.train.dist import DistInfo, all_ok, init_distributed
 from m3i.train.ema import EMAUpdater
@@ -153,7 +154,7 @@ def train(cfg: Config, info: DistInfo | None = None, progress: bool = True) -> T
             if info.is_main:
                 log.info("resumed from %s/%s at step %d", ckpt.store.uri, ref.tag, step)
 
-    meta = {"m3i_version": __version__, "run_id": run_id, "config": to_dict(cfg), "num_classes": num_classes, "data_index_sha256": loader.index.raw.get("plan_sha256"), "inputs_sha256": loader.index.raw.get("inputs_sha256")}
+    meta = {"m3i_version": __version__, "code_revision": code_revision(), "run_id": run_id, "config": to_dict(cfg), "num_classes": num_classes, "data_index_sha256": loader.index.raw.get("plan_sha256"), "inputs_sha256": loader.index.raw.get("inputs_sha256")}
 
     def save(at: int) -> str:
         client = {"step": at, "loader": loader.state_dict(), "ema": ema.state_dict(), "meta": meta}
