@@ -1,0 +1,197 @@
+"""What goes beside the weights: timm's ``config.json``, the model card ``README.md``, ``SHA256SUMS``.
+
+``config.json`` has the layout timm writes for the Hugging Face hub (``architecture``,
+``num_classes``, ``num_features``, ``global_pool``, ``model_args``, ``pretrained_cfg``), so
+``timm.create_model("local-dir:<folder>", pretrained=True)`` rebuilds the architecture
+with the exact arguments and takes the preprocessing (input size, mean, std, crop) from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from m3i.revision import code_revision
+from m3i.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = ["CardFacts", "timm_config", "load_call", "render_card", "render_sums", "code_revision", "EVAL_CROP_PCT"]
+
+EVAL_CROP_PCT = 0.875
+"""The centre crop of :class:`m3i.transforms.EvalTransform` (bicubic resize of the short side to S / 0.875)."""
+
+
+def timm_config(architecture: str, model_args: dict[str, Any], num_features: int, image_size: int) -> dict[str, Any]:
+    """timm's hub ``config.json`` for a headless backbone trained on ``image_size`` px, ImageNet-normalised inputs."""
+    return {
+        "architecture": architecture,
+        "num_classes": 0,
+        "num_features": num_features,
+        "global_pool": model_args.get("global_pool", "token"),
+        "model_args": dict(model_args),
+        "pretrained_cfg": {
+            "custom_load": False,
+            "input_size": [3, image_size, image_size],
+            "fixed_input_size": True,
+            "interpolation": "bicubic",
+            "crop_pct": EVAL_CROP_PCT,
+            "crop_mode": "center",
+            "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD),
+            "num_classes": 0,
+            "first_conv": "patch_embed.proj",
+            "classifier": "head",
+        },
+    }
+
+
+def load_call(folder: str, architecture: str, model_args: dict[str, Any], image_size: int) -> tuple[str, str]:
+    """The plain-timm lines that load an export: (from its folder with config.json, from the weights file alone)."""
+    by_folder = f'model = timm.create_model("local-dir:{folder}", pretrained=True).eval()'
+    args = "".join(f", {k}={v!r}" for k, v in model_args.items() if k != "num_classes")
+    overlay = (
+        f'dict(file="{folder}/model.safetensors", num_classes=0, input_size=(3, {image_size}, {image_size}), '
+        f"mean={tuple(IMAGENET_MEAN)}, std={tuple(IMAGENET_STD)}, crop_pct={EVAL_CROP_PCT})"
+    )
+    by_file = f'model = timm.create_model("{architecture}", pretrained=True, pretrained_cfg_overlay={overlay}, num_classes=0{args}).eval()'
+    return by_folder, by_file
+
+
+@dataclass(frozen=True)
+class CardFacts:
+    """Everything the model card states; each fact comes from the checkpoint, the config or the export itself."""
+
+    name: str
+    version: str
+    uri: str
+    encoder: str
+    dtype: str
+    weights_source: str
+    architecture: str
+    model_args: dict[str, Any]
+    num_features: int
+    num_params: int
+    image_size: int
+    step: int
+    planned_steps: int
+    world_size: int
+    samples_seen: int
+    run_id: str
+    checkpoint: str
+    data_shards: str
+    data_index_sha256: str | None
+    inputs_sha256: str | None
+    m3i_version_train: str
+    m3i_version_export: str
+    code_revision_train: str | None
+    code_revision_export: str
+    created: str
+    weights_sha256: str
+    train_config: dict[str, Any] = field(default_factory=dict)
+    evaluation: dict[str, Any] | None = None
+    evaluation_source: str = ""
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.extend(_flatten(v, key + "."))
+        elif isinstance(v, (int, float, str, bool)) or v is None:
+            out.append((key, v))
+    return out
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def render_card(f: CardFacts) -> str:
+    """The model card (``README.md``, Hugging Face style: YAML front matter, then Markdown)."""
+    by_folder, by_file = load_call(f"/path/to/{f.name}/{f.version}", f.architecture, f.model_args, f.image_size)
+    revision_train = f.code_revision_train or "not recorded in the checkpoint"
+    lines = [
+        "---",
+        "library_name: timm",
+        "pipeline_tag: image-feature-extraction",
+        "tags: [m3i, vision-transformer, self-supervised]",
+        "---",
+        "",
+        f"# {f.name} {f.version}",
+        "",
+        f"An image encoder pre-trained with M3I (all-in-one: image->image, image->category, image->text), "
+        f"exported from `{f.checkpoint}`: the **{f.encoder}** encoder in **{f.dtype}**, "
+        f"timm `{f.architecture}` with the arguments below, no classifier (`num_classes=0`): "
+        f"`model(x)` returns the pooled {f.num_features}-dimensional embedding.",
+        "",
+        "| fact | value |",
+        "| --- | --- |",
+        f"| architecture | timm `{f.architecture}`, {f.num_params:,} parameters |",
+        f"| model args | `{f.model_args}` |",
+        f"| encoder | {f.encoder} (weights read from: {f.weights_source}) |",
+        f"| dtype | {f.dtype} |",
+        f"| training steps | {f.step} (of {f.planned_steps} planned), world size {f.world_size}, {f.samples_seen:,} samples seen |",
+        f"| data index | `{f.data_shards}` |",
+        f"| data index sha256 | `{f.data_index_sha256}` |",
+        f"| inputs sha256 | `{f.inputs_sha256}` |",
+        f"| run id | `{f.run_id}` |",
+        f"| m3i version | {f.m3i_version_train} (training), {f.m3i_version_export} (export) |",
+        f"| code revision | {revision_train} (training), {f.code_revision_export} (export) |",
+        f"| exported | {f.created} |",
+        f"| weights sha256 | `{f.weights_sha256}` |",
+        "",
+        "## Load it with plain timm",
+        "",
+        f"Copy the folder `{f.uri}` to local disk (for `s3://`, e.g. `aws s3 cp --recursive`), then:",
+        "",
+        "```python",
+        "import timm, torch",
+        by_folder,
+        "cfg = timm.data.resolve_data_config({}, model=model)   # input size, mean/std, crop from config.json",
+        "transform = timm.data.create_transform(**cfg)",
+        f"features = model(transform(image).unsqueeze(0))       # [1, {f.num_features}]",
+        "```",
+        "",
+        "Without `config.json`, from the weights file alone:",
+        "",
+        "```python",
+        by_file,
+        "```",
+        "",
+        "`num_classes=0` in the overlay keeps timm's load strict (any key or shape mismatch is an error).",
+        "",
+        "## Preprocessing",
+        "",
+        f"RGB, resize the short side to {round(f.image_size / EVAL_CROP_PCT)} px (bicubic), centre-crop {f.image_size} px, "
+        f"scale to [0, 1], normalise with mean {tuple(IMAGENET_MEAN)} and std {tuple(IMAGENET_STD)}.",
+        "",
+        "## Evaluation",
+        "",
+    ]
+    if f.evaluation:
+        lines += [f"From `{f.evaluation_source}`:", "", "| metric | value |", "| --- | --- |"]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in _flatten(f.evaluation)]
+    else:
+        lines.append("Not yet evaluated.")
+    lines += [
+        "",
+        "## Training config",
+        "",
+        "```yaml",
+        yaml.safe_dump(f.train_config, sort_keys=False).rstrip(),
+        "```",
+        "",
+        "## Files",
+        "",
+        "`model.safetensors` (weights, timm key names), `config.json` (timm architecture, arguments and preprocessing), "
+        "this `README.md`, `SHA256SUMS` (`sha256sum -c SHA256SUMS`), and `export.json` (the manifest, written last).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def render_sums(hashes: dict[str, str]) -> str:
+    """``sha256sum``'s format: one ``<hex>  <name>`` line per file."""
+    return "".join(f"{h}  {name}\n" for name, h in sorted(hashes.items()))

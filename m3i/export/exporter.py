@@ -1,0 +1,278 @@
+"""``export``: a complete checkpoint -> a versioned folder of timm backbone weights in object storage.
+
+    result = export(cfg)          # cfg.export says which checkpoint, encoder, dtype and where
+    result.uri                    # <out>/<name>/v00000500-1a2b3c4d
+
+Under the version prefix::
+
+    model.safetensors   the encoder's state dict with timm's key names (``backbone.`` stripped)
+    config.json         timm's hub config: architecture, model_args, preprocessing
+    README.md           the model card
+    SHA256SUMS          sha256 of the three files above
+    export.json         the manifest, written LAST: every file with bytes and sha256, and the provenance
+
+Peak memory stays near one float32 copy of the backbone: checkpoint files are memory-mapped,
+only the backbone's tensors are read, and the weights file is written tensor by tensor.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from m3i import __version__
+from m3i.config import Config
+from m3i.config.core import from_dict
+from m3i.export.card import CardFacts, code_revision, load_call, render_card, render_sums, timm_config
+from m3i.export.safetensors_stream import write_safetensors
+from m3i.export.source import CheckpointSource, locate_checkpoint
+from m3i.export.zero import BackboneReader
+from m3i.storage import Store, join_uri, open_store, sha256_file
+
+__all__ = ["export", "ExportResult", "MANIFEST", "PREFIXES", "WEIGHTS"]
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "export.json"
+WEIGHTS = "model.safetensors"
+FORMAT = "m3i-export"
+FORMAT_VERSION = 1
+PREFIXES = {"online": "backbone.", "ema": "target.backbone."}
+"""Where each encoder lives in the M3I module's state dict."""
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """Where an export went and what it holds."""
+
+    uri: str
+    """The version prefix: ``<out>/<name>/<version>``."""
+    weights: str
+    """URI of ``model.safetensors``."""
+    config: str
+    """URI of ``config.json``."""
+    card: str
+    """URI of ``README.md``."""
+    sums: str
+    """URI of ``SHA256SUMS``."""
+    manifest: str
+    """URI of ``export.json`` (written last)."""
+    name: str
+    version: str
+    step: int
+    checkpoint: str
+    """The checkpoint read (``.../checkpoints/step-XXXXXXXX``)."""
+    encoder: str
+    """``online`` or ``ema``."""
+    dtype: str
+    sha256: str
+    """sha256 of ``model.safetensors``."""
+    bytes: int
+    """Size of ``model.safetensors``."""
+    architecture: str
+    seconds: float
+
+
+def _hash(path: Path) -> str:
+    with open(path, "rb") as f:
+        return sha256_file(f)
+
+
+def _read_json_uri(uri: str) -> Any:
+    parent, _, key = uri.rstrip("/").rpartition("/")
+    return open_store(parent or ".").read_json(key)
+
+
+def _train_config(src: CheckpointSource) -> Config:
+    raw = src.manifest.get("config")
+    if not isinstance(raw, dict):
+        raise ValueError(f"checkpoint {src.uri} records no training config in its complete.json; it cannot be exported")
+    return from_dict(Config, raw, section="checkpoint config")
+
+
+def _meta_backbone(arch: str, kwargs: dict[str, Any]):
+    import timm
+
+    with torch.device("meta"):  # shapes and names only: no memory, no initialisation cost
+        return timm.create_model(arch, **kwargs)
+
+
+def _optimizer_group_names(train_cfg: Config, num_classes: int):
+    """Parameter names of each optimizer group, as the training engine built them (ZeRO-0 mixed precision)."""
+
+    def names() -> list[list[str]]:
+        from m3i.models import build_model
+        from m3i.train.engine import param_groups
+
+        with torch.device("meta"):
+            model = build_model(train_cfg, num_classes=num_classes)
+        by_id = {id(p): n for n, p in model.named_parameters()}
+        return [[by_id[id(p)] for p in g["params"]] for g in param_groups(model, train_cfg.train.weight_decay)]
+
+    return names
+
+
+def _check_keys(reader: BackboneReader, expected: dict[str, tuple[int, ...]], arch: str) -> None:
+    """The checkpoint's encoder must have exactly timm's keys and shapes."""
+    prefix = reader.prefix
+    have = {k[len(prefix) :] for k in reader.module if k.startswith(prefix)}
+    missing, extra = sorted(set(expected) - have), sorted(have - set(expected))
+    shapes = reader.shapes()
+    wrong = [f"{k} {shapes[k]} != {expected[k]}" for k in expected if k in shapes and shapes[k] != expected[k]]
+    if missing or extra or wrong:
+        raise ValueError(
+            f"the checkpoint's {prefix}* does not match timm {arch}: missing {missing[:5]}, unexpected {extra[:5]}, "
+            f"shape mismatches {wrong[:5]}"
+        )
+
+
+def _model_name(name: str, run_id: str) -> str:
+    if name:
+        return name
+    safe = re.sub(r"[^A-Za-z0-9._-]", "-", run_id or "m3i").strip("-._") or "m3i"
+    return safe[:128]
+
+
+def export(cfg: Config) -> ExportResult:
+    """Export the backbone of a complete checkpoint as plain timm weights, config and model card.
+
+    Args:
+        cfg: The config; ``cfg.export`` drives the export (``export.checkpoint`` empty takes
+            ``train.output``). The architecture comes from the training config in the checkpoint.
+
+    Returns:
+        The URIs written and what they hold.
+
+    Raises:
+        ValueError: No complete checkpoint at the URI, ``export.weights=ema`` for a run without an
+            EMA target, a checkpoint whose encoder does not match its timm architecture, or an
+            ``export.metrics`` file that is not a JSON object.
+        m3i.storage.StorageError: Storage failed after retries.
+    """
+    from m3i.models import backbone_kwargs
+
+    t0 = time.monotonic()
+    e = cfg.export
+    src = locate_checkpoint(e.checkpoint or cfg.train.output)
+    meta = src.manifest
+    train_cfg = _train_config(src)
+    if e.weights == "ema" and not train_cfg.objective.use_img:
+        raise ValueError(
+            "export.weights='ema' but the run trained without the image branch (objective.use_img=false), "
+            "so it has no EMA target; use export.weights=online"
+        )
+    evaluation = _read_json_uri(e.metrics) if e.metrics else None  # before the long part: fail early
+    if evaluation is not None and not isinstance(evaluation, dict):
+        raise ValueError(f"export.metrics={e.metrics!r} is a JSON {type(evaluation).__name__}; expected an object of scores")
+    arch, kwargs = backbone_kwargs(train_cfg)
+    net = _meta_backbone(arch, kwargs)
+    expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    params = [n for n, _ in net.named_parameters()]
+    if set(params) != set(expected):
+        raise ValueError(f"timm {arch} has buffers in its state dict ({sorted(set(expected) - set(params))[:5]}); export reads parameters only")
+    model_args = {k: v for k, v in kwargs.items() if k not in ("pretrained", "drop_path_rate")}
+    name = _model_name(e.name, str(meta.get("run_id", "")))
+    log.info("export: %s (step %d) -> %s/%s, %s encoder in %s", src.uri, src.step, e.out, name, e.weights, e.dtype)
+
+    staging = Path(e.staging_dir) if e.staging_dir else None
+    if staging:
+        staging.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="m3i-export-", dir=staging) as tmp:
+        src.local_dir = Path(tmp) / "checkpoint"
+        out = Path(tmp) / "out"
+        out.mkdir()
+        reader = BackboneReader(
+            src.keys, src.path, PREFIXES[e.weights], params,
+            group_names=_optimizer_group_names(train_cfg, int(meta.get("num_classes") or 0)),
+        )
+        _check_keys(reader, expected, arch)
+        dtype = _DTYPES[e.dtype]
+        specs = [(n, expected[n], dtype) for n in params]
+        size = write_safetensors(out / WEIGHTS, specs, ((n, t.to(dtype)) for n, t in reader), metadata={"format": "pt"})
+        source = reader.describe()
+        del reader  # drops the memory maps of the checkpoint files
+        sha = _hash(out / WEIGHTS)
+        version = f"v{src.step:08d}-{sha[:8]}"
+        uri = join_uri(e.out, name, version)
+        world = int(meta.get("world_size", 1))
+        facts = CardFacts(
+            name=name, version=version, uri=uri, encoder=e.weights, dtype=e.dtype, weights_source=f"`{PREFIXES[e.weights]}*`, {source}",
+            architecture=arch, model_args=model_args, num_features=int(net.num_features),
+            num_params=sum(torch.Size(s).numel() for s in expected.values()), image_size=train_cfg.data.image_size,
+            step=src.step, planned_steps=train_cfg.train.steps, world_size=world,
+            samples_seen=src.step * train_cfg.data.batch_size * train_cfg.train.grad_accum * world,
+            run_id=str(meta.get("run_id", "")), checkpoint=src.uri, data_shards=train_cfg.data.shards,
+            data_index_sha256=meta.get("data_index_sha256"), inputs_sha256=meta.get("inputs_sha256"),
+            m3i_version_train=str(meta.get("m3i_version", "unknown")), m3i_version_export=__version__,
+            code_revision_train=meta.get("code_revision"), code_revision_export=code_revision(),
+            created=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), weights_sha256=sha,
+            train_config=meta["config"], evaluation=evaluation, evaluation_source=e.metrics,
+        )
+        hashes = _write_beside(out, facts, timm_config(arch, model_args, facts.num_features, facts.image_size), sha)
+        store = _publish(out, uri, hashes, facts)
+    seconds = time.monotonic() - t0
+    log.info("export: %s written in %.1fs", uri, seconds)
+    return ExportResult(
+        uri=uri, weights=store.url(WEIGHTS), config=store.url("config.json"), card=store.url("README.md"),
+        sums=store.url("SHA256SUMS"), manifest=store.url(MANIFEST), name=name, version=version, step=src.step,
+        checkpoint=src.uri, encoder=e.weights, dtype=e.dtype, sha256=sha, bytes=size, architecture=arch, seconds=seconds,
+    )
+
+
+def _write_beside(out: Path, facts: CardFacts, config: dict[str, Any], weights_sha: str) -> dict[str, str]:
+    """``config.json``, ``README.md`` and ``SHA256SUMS`` next to the weights; returns every file's sha256."""
+    (out / "config.json").write_text(_json(config))
+    (out / "README.md").write_text(render_card(facts))
+    hashes = {WEIGHTS: weights_sha, "config.json": _hash(out / "config.json"), "README.md": _hash(out / "README.md")}
+    (out / "SHA256SUMS").write_text(render_sums(hashes))
+    hashes["SHA256SUMS"] = _hash(out / "SHA256SUMS")
+    return hashes
+
+
+def _publish(out: Path, uri: str, hashes: dict[str, str], f: CardFacts) -> Store:
+    """Upload the files, then the manifest that makes them an export (readers trust only what it lists)."""
+    store = open_store(uri)
+    for key in (WEIGHTS, "config.json", "README.md", "SHA256SUMS"):
+        store.put_file(key, str(out / key), {"sha256": hashes[key]})
+    by_folder, _ = load_call("<local copy of this folder>", f.architecture, f.model_args, f.image_size)
+    store.write_manifest(
+        MANIFEST,
+        {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "name": f.name,
+            "version": f.version,
+            "architecture": f.architecture,
+            "model_args": f.model_args,
+            "image_size": f.image_size,
+            "encoder": f.encoder,
+            "dtype": f.dtype,
+            "step": f.step,
+            "checkpoint": f.checkpoint,
+            "run_id": f.run_id,
+            "data_index_sha256": f.data_index_sha256,
+            "inputs_sha256": f.inputs_sha256,
+            "m3i_version": f.m3i_version_export,
+            "code_revision": f.code_revision_export,
+            "code_revision_train": f.code_revision_train,
+            "evaluation": f.evaluation,
+            "created": f.created,
+            "load": by_folder,
+            "files": [{"key": k, "bytes": (out / k).stat().st_size, "sha256": hashes[k]} for k in sorted(hashes)],
+        },
+    )
+    return store
+
+
+def _json(obj: Any) -> str:
+    return json.dumps(obj, indent=2) + "\n"
