@@ -3,6 +3,9 @@
     m3i demo-data [--out DIR]                  built-in demo images, offline
     m3i shard     [--preset P] [--config F] [--set shard.k=v] [--labelled DIR ...]
     m3i train     [--preset P] [--config F] [--set train.k=v]   (one rank; torchrun for more)
+    m3i export    [--preset P] [--config F] [--set export.k=v] [--checkpoint URI] [--out URI]
+    m3i evaluate  [--preset P] [--config F] [--set evaluate.k=v] [--model URI] [--out URI]
+    m3i ablate    [--preset demo] [--steps N] [--seeds 0 1 2] [--variants ...]   M3I vs each branch -> docs/ablation.md
     m3i launch    [--scheduler local_cwd|kubernetes] [--kind volcano|pytorchjob] [--dryrun] [-- train args]
     m3i demo      demo data -> shards -> one loader pass -> 2-process training, on this machine
 
@@ -173,6 +176,58 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """A checkpoint -> backbone weights, timm config, model card and SHA256SUMS under a versioned prefix."""
+    from m3i.export import export
+
+    extra = [
+        *([f"export.checkpoint={args.checkpoint}"] if args.checkpoint else []),
+        *([f"export.out={args.out}"] if args.out else []),
+    ]
+    r = export(_load(args, extra))
+    print(
+        f"exported step {r.step} of {r.checkpoint}: {r.encoder} encoder, {r.dtype}, timm {r.architecture} "
+        f"({r.bytes / 1e6:.1f} MB) in {r.seconds:.1f}s"
+    )
+    print(f"model {r.name} {r.version} at {r.uri}")
+    for label, uri in (("weights", r.weights), ("config", r.config), ("card", r.card), ("sha256", r.sums), ("manifest", r.manifest)):
+        print(f"  {label:8s} {uri}")
+    print(f'load with plain timm: timm.create_model("local-dir:<local copy of {r.uri}>", pretrained=True)')
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """kNN and linear probe (and an optional fine-tune) of an exported model or a checkpoint."""
+    from m3i.evaluate import evaluate
+
+    extra = [
+        *([f"evaluate.model={args.model}"] if args.model else []),
+        *([f"evaluate.out={args.out}"] if args.out else []),
+    ]
+    r = evaluate(_load(args, extra))
+    m = r.metrics
+    print(
+        f"evaluated {m['model']['name']} ({m['model']['kind']}, step {m['model']['step']}) on {m['data']['shards']}: "
+        f"{m['counts']['train']} {m['data']['train_split']} / {m['counts']['eval']} {m['data']['eval_split']} labelled samples, "
+        f"{m['num_classes']} classes"
+    )
+    for method in ("knn", "probe", "finetune"):
+        if method in m:
+            print(f"  {method:8s} top-1 {100 * m[method]['top1']:6.2f} %  top-5 {100 * m[method]['top5']:6.2f} %")
+    print(f"  feature std {m['feature_std']['eval']:.4f}")
+    if r.pushed is not None:
+        print(f"  pushgateway: {'pushed' if r.pushed else 'push failed (see warning)'}")
+    print(f"metrics {r.files['metrics.json']}")
+    return 0
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    """M3I against each branch alone and a two-stage baseline; writes the Markdown report and its plot."""
+    from m3i.ablate import cmd_ablate as run
+
+    return run(args, _load(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="m3i", description="M3I all-in-one pre-training: shard, train, export, evaluate.")
     parser.add_argument("--version", action="version", version=f"m3i {__version__}")
@@ -198,6 +253,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="M3I pre-training, one rank (run under torchrun or `m3i launch` for more)")
     _config_args(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="checkpoint -> backbone weights + config + model card that plain timm loads")
+    _config_args(p)
+    p.add_argument("--checkpoint", metavar="URI", help="run output (latest complete checkpoint) or one checkpoint (export.checkpoint)")
+    p.add_argument("--out", metavar="URI", help="export root folder or s3://bucket/prefix (export.out)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("evaluate", help="kNN + linear probe on frozen features of held-out labelled images")
+    _config_args(p)
+    p.add_argument("--model", metavar="URI", help="exported model folder, checkpoint or run output (evaluate.model)")
+    p.add_argument("--out", metavar="URI", help="folder or s3://bucket/prefix for the results (evaluate.out)")
+    p.set_defaults(func=cmd_evaluate)
+
+    from m3i.ablate import add_ablate_parser
+
+    p = add_ablate_parser(sub, _config_args)
+    p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("demo", help="demo data -> shards -> loader pass -> 2-process training, on this machine")
     _config_args(p, default_preset="demo")

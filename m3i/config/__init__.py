@@ -17,6 +17,8 @@ import yaml
 
 from m3i.config.core import apply_overrides, from_dict, to_dict
 from m3i.config.data import DataConfig, ShardConfig
+from m3i.config.evaluate import EvaluateConfig
+from m3i.config.export import ExportConfig
 from m3i.config.launch import LaunchConfig
 from m3i.config.metrics import MetricsConfig
 from m3i.config.model import ModelConfig, ObjectiveConfig
@@ -26,6 +28,8 @@ __all__ = [
     "CheckpointConfig",
     "Config",
     "DataConfig",
+    "EvaluateConfig",
+    "ExportConfig",
     "LaunchConfig",
     "MetricsConfig",
     "ModelConfig",
@@ -65,6 +69,12 @@ class Config:
 
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     """``m3i launch``: scheduler, image, nodes x processes, resources and pod policy of a training job."""
+
+    export: ExportConfig = field(default_factory=ExportConfig)
+    """``m3i export``: a checkpoint -> consolidated backbone weights, config and model card that plain timm loads."""
+
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    """``m3i evaluate``: kNN and linear probe on frozen features of a held-out split, optional fine-tune."""
 
 
 def list_presets() -> list[str]:

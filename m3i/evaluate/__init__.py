@@ -1,0 +1,51 @@
+"""``m3i evaluate``: kNN and linear probe on frozen features of held-out labelled images.
+
+    result = evaluate(load_config("demo", overrides=["evaluate.model=runs/demo", "evaluate.out=runs/demo/eval"]))
+    result.metrics["knn"]["top1"], result.metrics["probe"]["top1"]   # fractions in [0, 1]
+
+The pieces work on their own too:
+
+    enc = load_encoder(uri)                           # exported folder, checkpoint or run (local or s3://)
+    index = read_split_index(shards_uri)
+    train = extract_features(enc.module, index, "train", eval_transform(enc))
+    test = extract_features(enc.module, index, "eval", eval_transform(enc))
+    scores = score_features(train, test, index.classes, cfg.evaluate)
+    votes = knn_scores(train.features, train.labels, test.features, num_classes, k=20, temperature=0.07)
+    logits = linear_probe(train.features, train.labels, test.features, num_classes)
+"""
+
+from m3i.evaluate.features import Features, LabelledSplit, eval_transform, extract_features, labelled_count, read_split_index
+from m3i.evaluate.finetune import finetune
+from m3i.evaluate.knn import knn_scores, topk_accuracy
+from m3i.evaluate.load import Encoder, embed, load_encoder, load_exported, read_exported_config
+from m3i.evaluate.probe import linear_probe
+from m3i.evaluate.report import EVAL_JOB, METRIC_NAMES, classification_metrics, kfp_scalars, push_metrics, write_outputs
+from m3i.evaluate.run import EvalResult, evaluate, feature_spread, score_features
+
+__all__ = [
+    "EVAL_JOB",
+    "METRIC_NAMES",
+    "Encoder",
+    "EvalResult",
+    "Features",
+    "LabelledSplit",
+    "classification_metrics",
+    "embed",
+    "eval_transform",
+    "evaluate",
+    "extract_features",
+    "feature_spread",
+    "finetune",
+    "kfp_scalars",
+    "knn_scores",
+    "labelled_count",
+    "linear_probe",
+    "load_encoder",
+    "load_exported",
+    "push_metrics",
+    "read_exported_config",
+    "read_split_index",
+    "score_features",
+    "topk_accuracy",
+    "write_outputs",
+]

@@ -1,0 +1,209 @@
+"""The image encoder to score, from an exported model or a raw training checkpoint.
+
+    enc = load_encoder("s3://models/m3i-demo/v00000500-1a2b3c4d")    # exported: config.json + model.safetensors
+    enc = load_encoder("runs/demo")                                   # a run: its latest complete checkpoint
+    enc = load_encoder("runs/demo/checkpoints/step-00000500")         # one checkpoint
+    feats = embed(enc.module, images)                                 # [N, 3, S, S] -> [N, D]
+
+Either way the encoder is a plain timm ViT (``num_classes=0``). For a checkpoint it is the
+online encoder (``backbone.*``, the one ``M3IModel.encode`` runs), read in float32 by
+:class:`m3i.export.BackboneReader` (any ZeRO stage, world size and precision), exactly what
+``m3i export`` writes; :func:`embed` gives the same features as ``M3IModel.encode``.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from m3i.config import Config, from_dict
+from m3i.storage import open_store
+from m3i.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = ["Encoder", "embed", "load_encoder", "load_exported", "read_exported_config"]
+
+log = logging.getLogger(__name__)
+
+EXPORT_CONFIG = "config.json"
+EXPORT_WEIGHTS = "model.safetensors"
+EXPORT_MANIFEST = "export.json"
+CHECKPOINT_MARKER = "complete.json"
+
+
+@dataclass
+class Encoder:
+    """A frozen-feature extractor and what evaluation needs to know about it."""
+
+    module: nn.Module
+    """A timm ViT without classifier; :func:`embed` gives its pooled embedding."""
+    image_size: int
+    """Side of the square input it was trained at."""
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    kind: str = "checkpoint"
+    """``checkpoint`` or ``exported``."""
+    uri: str = ""
+    """Where it was loaded from (the checkpoint or export folder itself)."""
+    name: str = ""
+    """Model name: the run id of a checkpoint, the export's name (or architecture)."""
+    step: int | None = None
+    """Training step of the weights, where known."""
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def embed(module: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Pooled pre-logits embedding of a timm ViT: ``[N, 3, S, S] -> [N, D]`` (as ``M3IModel.encode``)."""
+    return module.forward_head(module.forward_features(images), pre_logits=True)
+
+
+def read_exported_config(uri: str) -> dict[str, Any]:
+    """``config.json`` of an exported model folder (local or ``s3://``).
+
+    Raises:
+        StorageError: When it is missing or not JSON.
+        ValueError: When it has no ``architecture``.
+    """
+    store = open_store(uri)
+    config = store.read_json(EXPORT_CONFIG)
+    if not isinstance(config, dict) or not config.get("architecture"):
+        raise ValueError(f"{store.url(EXPORT_CONFIG)} names no 'architecture'; is {uri!r} an `m3i export` folder?")
+    return config
+
+
+def load_exported(uri: str) -> nn.Module:
+    """A plain timm model from an ``m3i export`` folder, as a user of the export would build it.
+
+    ``timm.create_model(config['architecture'], pretrained=False, num_classes=0, **config['model_args'])``
+    with the weights of ``model.safetensors`` (timm key names) loaded strictly, in float32, eval mode.
+
+    Raises:
+        StorageError: When a file is missing.
+        ValueError: When the config names no architecture or the weights do not fit it.
+    """
+    from safetensors.torch import load as load_safetensors
+
+    config = read_exported_config(uri)
+    args = dict(config.get("model_args") or {})
+    args.update(pretrained=False, num_classes=0)
+    model = timm.create_model(config["architecture"], **args)
+    state = load_safetensors(open_store(uri).get_bytes(EXPORT_WEIGHTS))
+    try:
+        model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{uri}/{EXPORT_WEIGHTS} does not fit {config['architecture']} {args}: {e}") from None
+    return model.eval()
+
+
+def _exported_image_size(config: dict[str, Any], model: nn.Module) -> int:
+    for key in ("image_size", "img_size"):
+        if config.get(key):
+            v = config[key]
+            return int(v[-1] if isinstance(v, (list, tuple)) else v)
+    if config.get("input_size"):
+        return int(config["input_size"][-1])
+    if (config.get("pretrained_cfg") or {}).get("input_size"):
+        return int(config["pretrained_cfg"]["input_size"][-1])
+    return int(model.patch_embed.img_size[-1])
+
+
+def _norm(config: dict[str, Any], key: str, default: tuple[float, float, float]) -> tuple[float, float, float]:
+    v = config.get(key) or (config.get("pretrained_cfg") or {}).get(key) or default
+    return tuple(float(x) for x in v)  # type: ignore[return-value]
+
+
+def _encoder_from_export(uri: str) -> Encoder:
+    store = open_store(uri)
+    config = read_exported_config(uri)
+    module = load_exported(uri)
+    # export.json (the export's manifest) names the model and its provenance; absent in a bare folder.
+    manifest = store.read_json(EXPORT_MANIFEST) if store.exists(EXPORT_MANIFEST) else {}
+    return Encoder(
+        module=module,
+        image_size=_exported_image_size(config, module),
+        mean=_norm(config, "mean", IMAGENET_MEAN),
+        std=_norm(config, "std", IMAGENET_STD),
+        kind="exported",
+        uri=store.uri,
+        name=str(manifest.get("name") or config["architecture"]),
+        step=manifest.get("step"),
+        info={"architecture": config["architecture"], "run_id": manifest.get("run_id", ""), "version": manifest.get("version", "")},
+    )
+
+
+def _group_names(cfg: Config, num_classes: int):
+    """Parameter names of each optimizer group as training built them (ZeRO-0 mixed-precision checkpoints)."""
+
+    def names() -> list[list[str]]:
+        from m3i.models import build_model
+        from m3i.train.engine import param_groups
+
+        with torch.device("meta"):
+            model = build_model(cfg, num_classes=num_classes)
+        by_id = {id(p): n for n, p in model.named_parameters()}
+        return [[by_id[id(p)] for p in g["params"]] for g in param_groups(model, cfg.train.weight_decay)]
+
+    return names
+
+
+def _encoder_from_checkpoint(uri: str) -> Encoder:
+    """The online encoder of a checkpoint, read in float32 by the exporter's reader (every ZeRO stage)."""
+    from m3i.export import PREFIXES, BackboneReader, locate_checkpoint
+    from m3i.models import create_backbone
+
+    src = locate_checkpoint(uri)
+    if not isinstance(src.manifest.get("config"), dict):
+        raise ValueError(f"checkpoint {src.uri} records no run config in its {CHECKPOINT_MARKER}; it cannot be rebuilt")
+    cfg: Config = from_dict(Config, src.manifest["config"], section="checkpoint config")
+    module = create_backbone(cfg)
+    params = [n for n, _ in module.named_parameters()]
+    num_classes = int(src.manifest.get("num_classes") or 0)
+    with tempfile.TemporaryDirectory(prefix="m3i-evaluate-") as tmp:
+        src.local_dir = Path(tmp)  # files of an s3:// checkpoint are downloaded here (local ones read in place)
+        reader = BackboneReader(src.keys, src.path, PREFIXES["online"], params, group_names=_group_names(cfg, num_classes))
+        state = {name: tensor.clone() for name, tensor in reader}
+        del reader  # drops the memory maps before the folder goes
+    module.load_state_dict(state, strict=True)
+    return Encoder(
+        module=module.eval(),
+        image_size=cfg.data.image_size,
+        kind="checkpoint",
+        uri=src.uri,
+        name=str(src.manifest.get("run_id") or cfg.model.backbone),
+        step=src.step,
+        info={"architecture": cfg.model.backbone, "run_id": src.manifest.get("run_id", ""), "num_classes": num_classes},
+    )
+
+
+def load_encoder(uri: str) -> Encoder:
+    """The encoder at ``uri``: an exported model folder, one checkpoint, or a run's output folder.
+
+    Args:
+        uri: Local path, ``file://`` or ``s3://`` URI.
+
+    Returns:
+        The :class:`Encoder`, in float32 and eval mode, on the CPU.
+
+    Raises:
+        ValueError: When ``uri`` is empty or holds none of the three, or the weights do not fit.
+        StorageError: When storage fails after retries.
+    """
+    if not uri:
+        raise ValueError("evaluate.model='' is not allowed; give an exported model, a checkpoint or a run folder")
+    store = open_store(uri)
+    if store.exists(EXPORT_CONFIG) and store.exists(EXPORT_WEIGHTS):
+        return _encoder_from_export(store.uri)
+    from m3i.train.checkpoint import find_latest
+
+    if store.exists(CHECKPOINT_MARKER) or find_latest(store.uri) is not None:
+        return _encoder_from_checkpoint(store.uri)
+    raise ValueError(
+        f"evaluate.model={uri!r} holds neither an exported model ({EXPORT_CONFIG} + {EXPORT_WEIGHTS}), "
+        f"one checkpoint ({CHECKPOINT_MARKER}) nor a run with a complete checkpoint"
+    )

@@ -1,0 +1,159 @@
+"""PNG figures drawn with Pillow alone (no plotting library in the images): a confusion matrix, bar charts."""
+
+from __future__ import annotations
+
+import io
+from typing import Sequence
+
+from PIL import Image, ImageDraw, ImageFont
+
+__all__ = ["confusion_png", "bar_chart_png"]
+
+_PALETTE = ((66, 133, 244), (219, 68, 55), (244, 180, 0), (15, 157, 88), (171, 71, 188), (0, 172, 193), (255, 112, 67))
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def _text_w(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont) -> float:
+    return draw.textlength(text, font=font)
+
+
+def confusion_png(matrix: Sequence[Sequence[int]], classes: Sequence[str], title: str = "") -> bytes:
+    """A confusion matrix (rows: true class, columns: predicted) with per-class accuracy on the right.
+
+    Cells are shaded by the row-normalised rate and show the count.
+
+    Returns:
+        PNG bytes.
+    """
+    n = len(classes)
+    cell = 44 if n <= 12 else max(12, 528 // n)
+    font, small = _font(14), _font(max(8, min(12, cell // 3)))
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_w = int(max([_text_w(probe, c, font) for c in classes] + [40])) + 12
+    top, left = 40 + label_w, 20 + label_w
+    width, height = left + n * cell + 90, top + n * cell + 40
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    if title:
+        draw.text((10, 8), title, fill="black", font=font)
+    # Column labels read upwards from just above their column: draw rows on a strip, turn it.
+    strip = Image.new("RGB", (label_w, n * cell), "white")
+    sd = ImageDraw.Draw(strip)
+    for j, name in enumerate(classes):
+        sd.text((4, j * cell + cell / 2 - 8), name, fill="black", font=font)
+    img.paste(strip.rotate(90, expand=True), (left, top - label_w - 4))
+    draw.text((left + n * cell + 8, top - 22), "acc", fill="black", font=font)
+    for i, name in enumerate(classes):
+        row = [int(v) for v in matrix[i]]
+        total = sum(row)
+        y = top + i * cell
+        draw.text((left - 6 - _text_w(draw, name, font), y + cell / 2 - 8), name, fill="black", font=font)
+        for j, v in enumerate(row):
+            rate = v / total if total else 0.0
+            shade = int(255 - 200 * rate)
+            colour = (shade, shade, 255) if i != j else (shade, 255, shade)
+            x = left + j * cell
+            draw.rectangle((x, y, x + cell - 1, y + cell - 1), fill=colour, outline=(200, 200, 200))
+            if v and cell >= 24:
+                t = str(v)
+                draw.text((x + (cell - _text_w(draw, t, small)) / 2, y + cell / 2 - 7), t, fill="black", font=small)
+        acc = f"{100 * row[i] / total:.0f}%" if total else "-"
+        draw.text((left + n * cell + 8, y + cell / 2 - 8), acc, fill="black", font=font)
+    draw.text((left, top + n * cell + 10), "predicted ->  (rows: true class)", fill=(90, 90, 90), font=small)
+    return _png(img)
+
+
+def bar_chart_png(
+    groups: Sequence[str],
+    series: Sequence[str],
+    means: Sequence[Sequence[float]],
+    spreads: Sequence[Sequence[float]],
+    *,
+    title: str = "",
+    ylabel: str = "",
+    ymax: float | None = None,
+    reference: float | None = None,
+    reference_label: str = "",
+) -> bytes:
+    """Grouped bars with error bars: ``means[g][s]`` +- ``spreads[g][s]`` for group ``g``, series ``s``.
+
+    Args:
+        groups: Labels along the x axis.
+        series: Legend entries, one bar per series in each group.
+        means: Bar heights.
+        spreads: Half-lengths of the error bars.
+        title: Caption above the plot.
+        ylabel: Axis caption.
+        ymax: Top of the y axis (default: a little above the highest bar).
+        reference: A horizontal dashed line (e.g. chance), optional.
+        reference_label: Its label.
+
+    Returns:
+        PNG bytes.
+    """
+    font, small = _font(15), _font(13)
+    width, height = 120 + 130 * len(groups), 460
+    left, right, top, bottom = 70, width - 20, 60, height - 80
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    hi = max((m + s for ms, ss in zip(means, spreads) for m, s in zip(ms, ss)), default=1.0)
+    ymax = ymax if ymax is not None else max(hi * 1.1, 1e-9)
+
+    def y_of(v: float) -> float:
+        return bottom - (bottom - top) * max(0.0, min(v, ymax)) / ymax
+
+    if title:
+        draw.text((left, 10), title, fill="black", font=font)
+    for t in range(6):  # grid and ticks
+        v = ymax * t / 5
+        y = y_of(v)
+        draw.line((left, y, right, y), fill=(225, 225, 225))
+        label = f"{v:.0f}" if ymax >= 10 else f"{v:.2f}"
+        draw.text((left - 8 - _text_w(draw, label, small), y - 7), label, fill="black", font=small)
+    if ylabel:
+        strip = Image.new("RGB", (int(_text_w(draw, ylabel, small)) + 4, 16), "white")
+        ImageDraw.Draw(strip).text((2, 0), ylabel, fill="black", font=small)
+        strip = strip.rotate(90, expand=True)
+        img.paste(strip, (6, int((top + bottom) / 2 - strip.height / 2)))
+    group_w = (right - left) / max(1, len(groups))
+    bar_w = group_w * 0.8 / max(1, len(series))
+    for g, name in enumerate(groups):
+        x0 = left + g * group_w + group_w * 0.1
+        for s in range(len(series)):
+            m, e = means[g][s], spreads[g][s]
+            xa = x0 + s * bar_w
+            draw.rectangle((xa + 2, y_of(m), xa + bar_w - 2, bottom), fill=_PALETTE[s % len(_PALETTE)])
+            xc = xa + bar_w / 2
+            if e > 0:
+                draw.line((xc, y_of(m - e), xc, y_of(m + e)), fill="black", width=2)
+                for v in (m - e, m + e):
+                    draw.line((xc - 5, y_of(v), xc + 5, y_of(v)), fill="black", width=2)
+            t = f"{m:.1f}" if ymax >= 10 else f"{m:.2f}"
+            draw.text((xc - _text_w(draw, t, small) / 2, y_of(m + e) - 17), t, fill="black", font=small)
+        draw.text((left + g * group_w + (group_w - _text_w(draw, name, font)) / 2, bottom + 8), name, fill="black", font=font)
+    draw.line((left, bottom, right, bottom), fill="black")
+    draw.line((left, top, left, bottom), fill="black")
+    if reference is not None:
+        y = y_of(reference)
+        for x in range(left, right, 12):
+            draw.line((x, y, min(x + 6, right), y), fill=(120, 120, 120), width=1)
+        if reference_label:
+            draw.text((right - _text_w(draw, reference_label, small) - 4, y - 16), reference_label, fill=(90, 90, 90), font=small)
+    x = left
+    for s, name in enumerate(series):  # legend
+        draw.rectangle((x, height - 32, x + 14, height - 18), fill=_PALETTE[s % len(_PALETTE)])
+        draw.text((x + 20, height - 34), name, fill="black", font=small)
+        x += 40 + _text_w(draw, name, small)
+    return _png(img)

@@ -1,0 +1,141 @@
+"""``m3i evaluate``: load the encoder, embed both splits, score kNN and a linear probe, write and push."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch.nn import functional as F
+
+from m3i import __version__
+from m3i.config import Config, EvaluateConfig
+from m3i.evaluate.features import Features, eval_transform, extract_features, read_split_index
+from m3i.evaluate.finetune import finetune
+from m3i.evaluate.knn import knn_scores
+from m3i.evaluate.load import load_encoder
+from m3i.evaluate.probe import linear_probe
+from m3i.evaluate.report import classification_metrics, push_metrics, write_outputs
+
+__all__ = ["EvalResult", "evaluate", "feature_spread", "score_features"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalResult:
+    """What :func:`evaluate` returns."""
+
+    metrics: dict[str, Any]
+    """Everything ``metrics.json`` holds."""
+    files: dict[str, str]
+    """``{file name: URI}`` of the outputs."""
+    pushed: bool | None = None
+    """Whether the Pushgateway push succeeded; ``None`` when it is off."""
+
+
+def feature_spread(features: torch.Tensor) -> float:
+    """Collapse monitor: per-dimension std of the L2-normalised features, averaged, times sqrt(D).
+
+    Scale-free; about 1 for features spread evenly over directions, 0 when every sample maps to
+    the same direction.
+    """
+    if len(features) < 2:
+        return 0.0
+    f = F.normalize(features.float(), dim=1)
+    return float(f.std(dim=0).mean() * math.sqrt(f.shape[1]))
+
+
+def score_features(train: Features, test: Features, classes: Sequence[str], cfg: EvaluateConfig) -> dict[str, Any]:
+    """kNN and linear-probe scores of frozen features.
+
+    Args:
+        train: The memory bank and the probe's training set.
+        test: The held-out features to score.
+        classes: Class names (``C``); labels index into them.
+        cfg: The ``evaluate`` section (``k``, ``knn_temperature``, ``probe_*``, ``seed``).
+
+    Returns:
+        ``{"knn": {..., "k", "temperature"}, "probe": {...}, "feature_std": {"train", "eval"},
+        "counts": {"train", "eval"}, "feature_dim", "seconds": {"knn", "probe"}}``, each method's entry as
+        :func:`m3i.evaluate.report.classification_metrics` returns it.
+    """
+    c = len(classes)
+    t0 = time.monotonic()
+    votes = knn_scores(train.features, train.labels, test.features, c, cfg.k, cfg.knn_temperature)
+    t1 = time.monotonic()
+    logits = linear_probe(
+        train.features, train.labels, test.features, c, epochs=cfg.probe_epochs, lr=cfg.probe_lr,
+        weight_decay=cfg.probe_weight_decay, batch_size=cfg.probe_batch_size, seed=cfg.seed,
+    )
+    t2 = time.monotonic()
+    return {
+        "knn": {**classification_metrics(votes, test.labels, classes), "k": cfg.k, "temperature": cfg.knn_temperature},
+        "probe": {
+            **classification_metrics(logits, test.labels, classes),
+            "epochs": cfg.probe_epochs, "lr": cfg.probe_lr, "weight_decay": cfg.probe_weight_decay,
+        },
+        "feature_std": {"train": feature_spread(train.features), "eval": feature_spread(test.features)},
+        "counts": {"train": len(train), "eval": len(test)},
+        "feature_dim": int(train.features.shape[1]),
+        "seconds": {"knn": t1 - t0, "probe": t2 - t1},
+    }
+
+
+def evaluate(cfg: Config) -> EvalResult:
+    """Score ``cfg.evaluate.model`` on the labelled samples of ``cfg.data.shards``.
+
+    The model's own image size and normalisation are used (from the checkpoint's run config or
+    the export's ``config.json``), not ``data.image_size``.
+
+    Returns:
+        The :class:`EvalResult`; the files are under ``cfg.evaluate.out``.
+
+    Raises:
+        ValueError: On a missing or unusable model, or a data set without labelled samples.
+        m3i.storage.StorageError: When storage fails after retries.
+        RuntimeError: When a split reads fewer labelled samples than its index lists.
+    """
+    e = cfg.evaluate
+    t0 = time.monotonic()
+    encoder = load_encoder(e.model)
+    index = read_split_index(cfg.data.shards)
+    if index.num_classes < 2:
+        raise ValueError(f"data.shards={cfg.data.shards!r} has {index.num_classes} classes; evaluation needs at least 2")
+    expected_classes = encoder.info.get("num_classes")
+    if expected_classes and int(expected_classes) != index.num_classes:
+        log.warning("the model was trained with %s classes, %s has %d", expected_classes, index.uri, index.num_classes)
+    transform = eval_transform(encoder)
+    t_load = time.monotonic()
+    kw = {"batch_size": e.batch_size, "num_workers": e.num_workers}
+    train = extract_features(encoder.module, index, e.train_split, transform, **kw)
+    test = extract_features(encoder.module, index, e.eval_split, transform, **kw)
+    log.info("features: %d %s + %d %s samples in %.1fs", len(train), e.train_split, len(test), e.eval_split, train.seconds + test.seconds)
+    metrics: dict[str, Any] = {
+        "m3i_version": __version__,
+        "model": {
+            "uri": encoder.uri, "kind": encoder.kind, "name": encoder.name, "step": encoder.step,
+            "run_id": encoder.info.get("run_id", ""), "architecture": encoder.info.get("architecture", ""),
+            "image_size": encoder.image_size, "mean": list(encoder.mean), "std": list(encoder.std),
+        },
+        "data": {"shards": index.uri, "train_split": e.train_split, "eval_split": e.eval_split},
+        "classes": list(index.classes),
+        "num_classes": index.num_classes,
+        **score_features(train, test, index.classes, e),
+    }
+    metrics["seconds"].update(load=t_load - t0, features=train.seconds + test.seconds)
+    if e.finetune_steps:
+        t = time.monotonic()
+        tuned = finetune(encoder.module, index, e, transform, encoder.image_size)
+        metrics["finetune"] = {
+            **classification_metrics(tuned.features, tuned.labels, index.classes),
+            "steps": e.finetune_steps, "lr": e.finetune_lr, "batch_size": e.batch_size,
+        }
+        metrics["seconds"]["finetune"] = time.monotonic() - t
+    metrics["seconds"]["total"] = time.monotonic() - t0
+    files = write_outputs(e.out, metrics)
+    pushed = push_metrics(e.pushgateway, metrics) if e.pushgateway else None
+    return EvalResult(metrics, files, pushed)

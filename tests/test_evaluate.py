@@ -1,0 +1,340 @@
+"""`m3i evaluate`: kNN and linear probe with known answers, outputs, checkpoint / export / s3 sources, push."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from m3i.config import EvaluateConfig, load_config
+from m3i.evaluate import (
+    Features,
+    classification_metrics,
+    embed,
+    feature_spread,
+    knn_scores,
+    linear_probe,
+    load_encoder,
+    load_exported,
+    push_metrics,
+    score_features,
+    topk_accuracy,
+)
+from tests.conftest import free_port
+from tests.helpers import shard_small, small_demo, train_env, write_train_config
+from tests.prometheus import parse_metrics, pushgateway  # noqa: F401 - a fixture
+
+CLASSES = [f"c{i}" for i in range(10)]
+
+
+def clusters(per_class: int, num_classes: int = 10, dim: int = 32, noise: float = 0.3, seed: int = 0):
+    """Perfectly separable data: fixed, well-separated class centres plus small noise drawn from ``seed``."""
+    centres = torch.randn(num_classes, dim, generator=torch.Generator().manual_seed(1234)) * 4  # [C, D]
+    y = torch.arange(num_classes).repeat_interleave(per_class)  # [N]
+    x = centres[y] + noise * torch.randn(len(y), dim, generator=torch.Generator().manual_seed(seed))  # [N, D]
+    return x, y
+
+
+# ---------------------------------------------------------------------------- known answers
+
+
+def test_separable_clusters_score_100_percent():
+    x, y = clusters(40)
+    xe, ye = clusters(15, seed=1)  # same centres, fresh noise
+    votes = knn_scores(x, y, xe, 10, k=20, temperature=0.07)
+    assert topk_accuracy(votes, ye) == {1: 1.0, 5: 1.0}
+    logits = linear_probe(x, y, xe, 10, epochs=50)
+    assert topk_accuracy(logits, ye)[1] == 1.0
+
+
+def test_shuffled_labels_score_chance():
+    x, y = clusters(100)  # 1000 training points, 10 classes
+    xe, ye = clusters(100, seed=3)
+    shuffled = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(5))]
+    knn = topk_accuracy(knn_scores(x, shuffled, xe, 10), ye)[1]
+    probe = topk_accuracy(linear_probe(x, shuffled, xe, 10, epochs=30), ye)[1]
+    # chance is 0.10; the std of an accuracy over 1000 points is about 0.01
+    assert 0.05 <= knn <= 0.16, knn
+    assert 0.05 <= probe <= 0.16, probe
+
+
+def test_top5_counts_a_label_ranked_anywhere_in_the_first_five():
+    scores = torch.tensor(
+        [
+            [9.0, 8, 7, 6, 5, 4, 3],  # label 0: rank 1
+            [9.0, 8, 7, 6, 5, 4, 3],  # label 4: rank 5
+            [9.0, 8, 7, 6, 5, 4, 3],  # label 5: rank 6
+        ]
+    )
+    acc = topk_accuracy(scores, torch.tensor([0, 4, 5]), (1, 5))
+    assert acc[1] == pytest.approx(1 / 3) and acc[5] == pytest.approx(2 / 3)
+    # fewer classes than k: top-5 of 3 classes is every class
+    assert topk_accuracy(torch.tensor([[0.1, 0.5, 0.2]]), torch.tensor([0]))[5] == 1.0
+
+
+def test_knn_votes_are_weighted_by_exp_similarity_over_temperature():
+    bank = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.6, -0.8]])  # one close class-0, two farther class-1
+    labels = torch.tensor([0, 1, 1])
+    query = torch.tensor([[1.0, 0.0]])
+    sharp = knn_scores(bank, labels, query, 2, k=3, temperature=0.07)
+    flat = knn_scores(bank, labels, query, 2, k=3, temperature=10.0)
+    assert sharp.argmax().item() == 0  # exp(1/0.07) >> 2 exp(0.6/0.07)
+    assert flat.argmax().item() == 1  # nearly one vote each: two beat one
+    assert sharp[0, 0] == pytest.approx(torch.exp(torch.tensor(1 / 0.07)).item(), rel=1e-4)
+    # k above the bank size: all of it votes
+    assert knn_scores(bank, labels, query, 2, k=50, temperature=10.0).sum() == pytest.approx(flat.sum().item())
+
+
+def test_knn_and_probe_reject_bad_input():
+    x, y = clusters(2)
+    with pytest.raises(ValueError, match="features must be"):
+        knn_scores(x, y, x[:, :3], 10)
+    with pytest.raises(ValueError, match="k="):
+        knn_scores(x, y, x, 10, k=0)
+    with pytest.raises(ValueError, match="labels"):
+        linear_probe(x, y[:3], x, 10)
+
+
+def test_classification_metrics_confusion_and_per_class():
+    scores = torch.eye(3)[[0, 1, 1, 2, 0]]  # predictions 0 1 1 2 0
+    m = classification_metrics(scores, torch.tensor([0, 1, 2, 2, 1]), ["a", "b", "c"])
+    assert m["confusion"] == [[1, 0, 0], [1, 1, 0], [0, 1, 1]]
+    assert m["per_class"] == {"a": 1.0, "b": 0.5, "c": 0.5}
+    assert m["top1"] == pytest.approx(0.6) and m["mean_class_top1"] == pytest.approx(2 / 3)
+    m = classification_metrics(torch.eye(3)[[0]], torch.tensor([0]), ["a", "b", "c"])
+    assert m["per_class"]["b"] is None  # no sample of that class
+
+
+def test_score_features_and_collapse_monitor():
+    x, y = clusters(20)
+    s = score_features(Features(x, y), Features(x, y), CLASSES, EvaluateConfig(probe_epochs=20))
+    assert s["knn"]["top1"] == 1.0 and s["counts"] == {"train": 200, "eval": 200} and s["feature_dim"] == 32
+    assert s["feature_std"]["eval"] > 0.5
+    assert feature_spread(torch.ones(50, 8) + 1e-9 * torch.randn(50, 8)) < 1e-3  # collapsed
+
+
+def test_linear_probe_is_deterministic_per_seed():
+    x, y = clusters(10, noise=3.0)
+    a = linear_probe(x, y, x, 10, epochs=5, seed=1)
+    assert torch.equal(a, linear_probe(x, y, x, 10, epochs=5, seed=1))
+    assert not torch.equal(a, linear_probe(x, y, x, 10, epochs=5, seed=2))
+
+
+# ---------------------------------------------------------------------------- config
+
+
+def test_config_defaults():
+    cfg = load_config(None).evaluate
+    assert (cfg.k, cfg.knn_temperature, cfg.train_split, cfg.eval_split, cfg.finetune_steps, cfg.pushgateway) == (
+        20, 0.07, "train", "eval", 0, ""
+    )
+
+
+@pytest.mark.parametrize(
+    "key, bad",
+    [
+        ("k", 0),
+        ("knn_temperature", 0),
+        ("train_split", "test"),
+        ("eval_split", "train"),  # the same as train_split
+        ("probe_epochs", 0),
+        ("probe_lr", -1),
+        ("probe_weight_decay", -0.1),
+        ("probe_batch_size", 0),
+        ("finetune_steps", -1),
+        ("finetune_lr", 0),
+        ("out", ""),
+        ("pushgateway", "ftp://pg:9091"),
+        ("pushgateway", "http://pg host:9091"),
+        ("batch_size", 0),
+        ("num_workers", -1),
+    ],
+)
+def test_config_rejects_bad_values(key, bad):
+    with pytest.raises(ValueError, match=f"evaluate.{'eval_split' if key == 'eval_split' else key}"):
+        load_config(None, overrides=[f"evaluate.{key}={bad}"])
+
+
+def test_cli_bad_value_exits_2(capsys):
+    from m3i.cli import main
+
+    assert main(["evaluate", "--set", "evaluate.k=0"]) == 2
+    assert "evaluate.k=0" in capsys.readouterr().err
+
+
+def test_no_model_or_a_folder_without_one_is_a_value_error(tmp_path):
+    with pytest.raises(ValueError, match="evaluate.model=''"):
+        load_encoder("")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="neither an exported model"):
+        load_encoder(str(tmp_path / "empty"))
+
+
+# ---------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Shards of the small demo set and a 2-step, 1-process training run on them."""
+    root = tmp_path_factory.mktemp("evaluate")
+    shards = str(root / "shards")
+    shard_small(small_demo(root / "raw"), shards)
+    run = root / "run"
+    cfg = write_train_config(root / "train.yaml", shards, str(run), train={"steps": 2, "warmup_steps": 1}, data={"num_workers": 0})
+    env = train_env() | {"MASTER_PORT": str(free_port())}  # a plain one-process run; not the default port
+    r = subprocess.run([sys.executable, "-m", "m3i", "-q", "train", "--config", str(cfg)], env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return {"root": root, "shards": shards, "run": run, "train_yaml": cfg}
+
+
+def _eval_args(trained, model: str, out: Path | str, *extra: str) -> list[str]:
+    return [
+        "-q", "evaluate", "--config", str(trained["train_yaml"]), "--model", model, "--out", str(out),
+        "--set", "evaluate.probe_epochs=20", "--set", "evaluate.batch_size=16", *extra,
+    ]
+
+
+@pytest.mark.slow
+def test_evaluate_a_checkpoint_writes_every_output(trained, tmp_path, capsys):
+    from m3i.cli import main
+
+    out = tmp_path / "eval"
+    assert main(_eval_args(trained, str(trained["run"]), out, "--set", "evaluate.finetune_steps=2", "--set", "evaluate.num_workers=2")) == 0
+    assert "knn" in capsys.readouterr().out
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["model"]["kind"] == "checkpoint" and m["model"]["step"] == 2
+    assert m["counts"] == {"train": 48, "eval": 16} and m["num_classes"] == 8  # every labelled sample once
+    for method in ("knn", "probe", "finetune"):
+        assert 0.0 <= m[method]["top1"] <= m[method]["top5"] <= 1.0
+        assert sum(map(sum, m[method]["confusion"])) == 16
+    kfp = json.loads((out / "kfp_metrics.json").read_text())
+    assert {"knn_top1", "knn_top5", "probe_top1", "probe_top5", "finetune_top1", "feature_std", "eval_samples"} <= set(kfp)
+    assert all(isinstance(v, float) for v in kfp.values())
+    cm = json.loads((out / "confusion_matrix.json").read_text())
+    assert cm["categories"] == m["classes"] and len(cm["matrix"]) == 8 and all(len(r) == 8 for r in cm["matrix"])
+    with Image.open(out / "confusion.png") as img:
+        assert img.format == "PNG" and img.width > 200
+    assert "| linear probe |" in (out / "report.md").read_text()
+    # one checkpoint's folder is a model URI too, and scores the same
+    out2 = tmp_path / "eval2"
+    assert main(_eval_args(trained, str(trained["run"] / "checkpoints" / "step-00000002"), out2)) == 0
+    m2 = json.loads((out2 / "metrics.json").read_text())
+    assert (m2["knn"]["top1"], m2["probe"]["top1"]) == (m["knn"]["top1"], m["probe"]["top1"])
+
+
+def _backbone_state(run: Path) -> dict[str, torch.Tensor]:
+    from tests.helpers import final_weights
+
+    return {k[len("backbone.") :]: v for k, v in final_weights(run, 2).items() if k.startswith("backbone.")}
+
+
+def test_encoder_features_equal_the_training_models_encode(trained):
+    from m3i.config import Config
+    from m3i.config.core import from_dict
+    from m3i.models import build_model
+    from tests.helpers import final_weights
+
+    enc = load_encoder(str(trained["run"]))
+    manifest = json.loads((trained["run"] / "checkpoints" / "step-00000002" / "complete.json").read_text())
+    model = build_model(from_dict(Config, manifest["config"]), num_classes=manifest["num_classes"]).eval()
+    model.load_state_dict(final_weights(trained["run"], 2))
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(embed(enc.module, x), model.encode(x), atol=1e-6)
+
+
+def _handmade_export(trained, folder: Path) -> Path:
+    """An exported-model folder as the export format describes it: timm keys + config.json."""
+    from safetensors.torch import save_file
+
+    from m3i.config import Config
+    from m3i.config.core import from_dict
+    from m3i.models import backbone_kwargs
+
+    manifest = json.loads((trained["run"] / "checkpoints" / "step-00000002" / "complete.json").read_text())
+    arch, kwargs = backbone_kwargs(from_dict(Config, manifest["config"]))
+    args = {k: v for k, v in kwargs.items() if k not in ("pretrained", "drop_path_rate")}
+    folder.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in _backbone_state(trained["run"]).items()}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"architecture": arch, "model_args": args, "pretrained_cfg": {"input_size": [3, 32, 32]}}))
+    return folder
+
+
+@pytest.mark.slow
+def test_an_exported_model_scores_exactly_like_its_checkpoint(trained, tmp_path):
+    from m3i.cli import main
+    from m3i.config import load_config
+    from m3i.export import export
+
+    exported = export(load_config(None, trained["train_yaml"], [f"export.checkpoint={trained['run']}", f"export.out={tmp_path / 'models'}"]))
+    handmade = _handmade_export(trained, tmp_path / "handmade")
+    ckpt = load_encoder(str(trained["run"]))
+    x = torch.randn(2, 3, 32, 32)
+    for folder in (exported.uri, str(handmade)):
+        plain = load_exported(folder)  # what a timm user gets
+        with torch.no_grad():
+            assert torch.equal(embed(plain, x), embed(ckpt.module, x))
+    scores = {}
+    for name, model in (("ckpt", str(trained["run"])), ("export", exported.uri)):
+        assert main(_eval_args(trained, model, tmp_path / name)) == 0
+        m = json.loads((tmp_path / name / "metrics.json").read_text())
+        scores[name] = (m["knn"]["top1"], m["knn"]["top5"], m["probe"]["top1"], m["probe"]["confusion"])
+    assert scores["ckpt"] == scores["export"]
+    m = json.loads((tmp_path / "export" / "metrics.json").read_text())
+    assert m["model"]["kind"] == "exported" and m["model"]["step"] == 2 and m["model"]["image_size"] == 32
+
+
+@pytest.mark.s3
+@pytest.mark.slow
+def test_evaluate_a_model_and_write_results_on_s3(trained, tmp_path, s3_bucket):
+    from m3i.cli import main
+    from m3i.storage import open_store
+
+    handmade = _handmade_export(trained, tmp_path / "handmade")
+    store = open_store(f"{s3_bucket}/models/tiny")
+    for f in handmade.iterdir():
+        store.put_file(f.name, str(f))
+    out = f"{s3_bucket}/eval/tiny"
+    assert main(_eval_args(trained, f"{s3_bucket}/models/tiny", out)) == 0
+    results = open_store(out)
+    m = results.read_json("metrics.json")
+    assert m["model"]["kind"] == "exported" and m["counts"]["eval"] == 16
+    assert {"kfp_metrics.json", "confusion_matrix.json", "confusion.png", "report.md"} <= {o.key for o in results.list()}
+
+
+# ---------------------------------------------------------------------------- Pushgateway
+
+
+def _synthetic_metrics() -> dict:
+    x, y = clusters(10)
+    m = score_features(Features(x, y), Features(x, y), CLASSES, EvaluateConfig(probe_epochs=5))
+    return {**m, "model": {"name": "tiny", "run_id": "run/eval"}}
+
+
+def test_push_to_an_unreachable_gateway_only_warns(caplog):
+    assert push_metrics(f"http://127.0.0.1:{free_port()}", _synthetic_metrics(), timeout=2) is False
+    assert "pushing the evaluation scores" in caplog.text
+
+
+@pytest.mark.prometheus
+def test_scores_reach_the_pushgateway(pushgateway):  # noqa: F811 - the fixture
+    metrics = _synthetic_metrics()
+    assert push_metrics(pushgateway.url, metrics)
+    with urllib.request.urlopen(f"{pushgateway.url}/metrics", timeout=5) as r:
+        pushed = parse_metrics(r.read().decode())
+    acc = {
+        (labels["method"], labels["topk"]): v
+        for (name, labelset), v in pushed.items()
+        if name == "m3i_evaluate_accuracy_ratio" and (labels := dict(labelset))["job"] == "m3i-evaluate"
+        and labels["model"] == "tiny" and labels["run_id"] == "run/eval"
+    }
+    want = {(method, k): pytest.approx(metrics[method][f"top{k}"]) for method in ("knn", "probe") for k in ("1", "5")}
+    assert acc == want and acc[("knn", "1")] == 1.0
+    samples = {dict(ls)["split"]: v for (name, ls), v in pushed.items() if name == "m3i_evaluate_samples"}
+    assert samples == {"train": 100, "eval": 100}
