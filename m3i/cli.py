@@ -131,7 +131,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"at {cfg.data.image_size}px in {dt:.2f}s ({n / dt:.0f} images/s, {cfg.data.num_workers} workers); failures {loader.stats()}"
     )
     # Training runs as the product runs it: m3i launch -> torchx -> torchrun -> m3i train.
-    train_args = [*(["--preset", args.preset] if args.preset else []), *(["--config", args.config] if args.config else [])]
+    train_args = ["--no-progress", *(["--preset", args.preset] if args.preset else []), *(["--config", args.config] if args.config else [])]
     for o in [*args.overrides, *placed]:
         train_args += ["--set", o]
     print(f"[4/4] train: {cfg.launch.nodes}x{cfg.launch.nproc_per_node} processes via torchx {cfg.launch.scheduler}, {cfg.train.steps} steps")
@@ -160,7 +160,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     try:
-        summary = train(cfg, progress=not args.quiet)
+        summary = train(cfg, progress=not (args.quiet or args.no_progress))
     except Preempted as e:
         print(f"m3i train: preempted: {e}", file=sys.stderr)
         return Preempted.exit_code
@@ -252,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="M3I pre-training, one rank (run under torchrun or `m3i launch` for more)")
     _config_args(p)
+    p.add_argument("--no-progress", action="store_true", help="log a line every train.log_every steps instead of a progress bar")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("export", help="checkpoint -> backbone weights + config + model card that plain timm loads")
