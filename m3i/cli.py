@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from typing import Sequence
@@ -90,6 +89,22 @@ def _print_index(index) -> None:
         print(f"  units written {run['units_written']}, reused {run['units_reused']}, {run['seconds']:.1f}s")
 
 
+class _Tee:
+    """Writes to several text streams (the demo's training log file and the terminal)."""
+
+    def __init__(self, *streams) -> None:
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for s in self.streams:
+            s.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for s in self.streams:
+            s.flush()
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job on built-in demo data, end to end on this machine."""
     from pathlib import Path
@@ -136,9 +151,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         train_args += ["--set", o]
     print(f"[4/4] train: {cfg.launch.nodes}x{cfg.launch.nproc_per_node} processes via torchx {cfg.launch.scheduler}, {cfg.train.steps} steps")
     t0 = time.monotonic()
-    result = launch(cfg.launch, train_args, log=None if not args.quiet else open(os.devnull, "w"))
+    log_path = root / "train.log"
+    with open(log_path, "w") as log_file:
+        result = launch(cfg.launch, train_args, log=log_file if args.quiet else _Tee(log_file, sys.stdout))
     if not result.ok:
-        print(f"m3i demo: training {result.state} ({result.handle})", file=sys.stderr)
+        tail = log_path.read_text().splitlines()[-40:]
+        print(f"m3i demo: training {result.state} ({result.handle}); last lines of {log_path}:", file=sys.stderr)
+        print("\n".join(tail), file=sys.stderr)
         return result.exit_code
     from m3i.storage import open_store
 
