@@ -25,7 +25,8 @@ momentum schedule) without DeepSpeed, whose ZeRO-0 fp32 single-rank step is the 
 Then the online backbone is scored with :func:`m3i.evaluate.score_features` (kNN and linear
 probe on the ``eval`` split; memory bank and probe data: the labelled ``train`` split).
 
-Results go to ``<workdir>/results.json`` as each run finishes; a re-run with the same settings
+Results go to ``<workdir>/results.json`` as each run finishes, keyed by the settings (ablations of
+other settings may share the folder, even at the same time); a re-run with the same settings
 skips the runs already there. The Markdown report keeps everything from its ``## Notes``
 heading on, so hand-written commentary survives a re-run.
 """
@@ -35,6 +36,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import fcntl
 import json
 import logging
 import math
@@ -151,7 +153,7 @@ def evaluate_backbone(backbone: torch.nn.Module, cfg: Config) -> dict[str, Any]:
 
 def run_one(cfg: Config, variant: str, seed: int, steps: int) -> dict[str, Any]:
     """Train ``variant`` with ``seed`` for ``steps`` steps in all, then score it."""
-    t0 = time.monotonic()
+    t0, started = time.monotonic(), time.time()
     stages = VARIANTS[variant].stages
     counts = [steps // len(stages)] * len(stages)
     counts[-1] += steps - sum(counts)
@@ -168,6 +170,7 @@ def run_one(cfg: Config, variant: str, seed: int, steps: int) -> dict[str, Any]:
         "probe_top1": scores["probe"]["top1"], "probe_top5": scores["probe"]["top5"],
         "feature_std": scores["feature_std"]["eval"], "losses": losses,
         "train_seconds": t_train, "eval_seconds": time.monotonic() - t0 - t_train,
+        "started_unix": started, "finished_unix": time.time(),
     }
 
 
@@ -177,6 +180,24 @@ def _settings_key(cfg: Config, steps: int) -> str:
         d.pop(volatile, None)
     d["evaluate"] = {k: v for k, v in d["evaluate"].items() if k not in ("model", "out", "pushgateway", "num_workers")}
     return json.dumps({"steps": steps, "config": d}, sort_keys=True)
+
+
+def _save_result(path: Path, key: str, run: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Add ``run`` (if any) under ``key`` in ``path`` and return that key's runs.
+
+    Read, merge and atomic replace under an exclusive lock, so ablations of other settings
+    sharing the work folder at the same time keep each other's results.
+    """
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = json.loads(path.read_text()) if path.exists() else {}
+        runs = done.setdefault(key, [])
+        if run is not None:
+            runs.append(run)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(done, indent=1))
+            os.replace(tmp, path)
+    return runs
 
 
 def _worker(args: tuple[Config, str, int, int, int]) -> dict[str, Any]:
@@ -206,15 +227,13 @@ def run_ablation(
     path = Path(workdir) / "results.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     key = _settings_key(cfg, steps)
-    done = json.loads(path.read_text()) if path.exists() else {}
-    mine = done.setdefault(key, [])
+    mine = _save_result(path, key, None)
     have = {(r["variant"], r["seed"]) for r in mine}
     todo = [(cfg, v, s, steps, threads) for s in seeds for v in variants if (v, s) not in have]
     log.info("ablation: %d runs to do, %d already in %s", len(todo), len(have), path)
 
     def record(r: dict[str, Any]) -> None:
-        mine.append(r)
-        path.write_text(json.dumps(done, indent=1))
+        mine[:] = _save_result(path, key, r)
         log.info("%-9s seed %d: kNN %.1f%%, probe %.1f%% (%.0fs)", r["variant"], r["seed"], 100 * r["knn_top1"], 100 * r["probe_top1"], r["train_seconds"] + r["eval_seconds"])
 
     if jobs == 1:
@@ -229,6 +248,10 @@ def run_ablation(
             for fut in as_completed([pool.submit(_worker, t) for t in todo]):
                 record(fut.result())
     return [r for r in mine if r["variant"] in variants and r["seed"] in seeds]
+
+
+_T_CRIT = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23}
+"""Two-sided 5 % critical values of Student's t by degrees of freedom (n1 + n2 - 2); 2.0 beyond."""
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -258,10 +281,14 @@ def _git_revision() -> str:
 
 def render_markdown(
     results: list[dict[str, Any]], cfg: Config, *, variants: Sequence[str], seeds: Sequence[int], steps: int,
-    command: str, wall_seconds: float, num_classes: int, png_name: str, notes: str = "",
+    command: str, num_classes: int, png_name: str, notes: str = "",
 ) -> str:
     """The report: how it was run, the table (mean +- std over seeds), per-seed values, a verdict."""
     s = summarise(results, variants)
+    stamped = [r for r in results if "started_unix" in r]
+    t0, t1 = (min(r["started_unix"] for r in stamped), max(r["finished_unix"] for r in stamped)) if stamped else (0.0, 0.0)
+    utc = lambda ts: datetime.datetime.fromtimestamp(ts, datetime.timezone.utc)  # noqa: E731
+    run_minutes = sum(r["train_seconds"] + r["eval_seconds"] for r in results) / 60
     f = lambda m, sd: f"{m:.1f} ± {sd:.1f}"  # noqa: E731
     o, t, d = cfg.objective, cfg.train, cfg.data
     lines = [
@@ -270,7 +297,8 @@ def render_markdown(
         f"Generated by `m3i ablate` on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC "
         f"(git {_git_revision()}, python {platform.python_version()}, torch {torch.__version__}, "
         f"{len(os.sched_getaffinity(0))} cores shared with other jobs, load average at the end "
-        f"{os.getloadavg()[0]:.1f}); {len(results)} runs in {wall_seconds / 60:.1f} min of wall time.",
+        f"{os.getloadavg()[0]:.1f}). {len(results)} runs of {run_minutes:.1f} min in all took {(t1 - t0) / 60:.1f} min of "
+        f"wall time, from the first run's start to the last one's end ({utc(t0):%Y-%m-%d %H:%M}-{utc(t1):%H:%M} UTC).",
         "",
         "```bash",
         command,
@@ -278,6 +306,11 @@ def render_markdown(
         "",
         "## Settings",
         "",
+        "- arms: " + "; ".join(
+            f"`{v}` " + ", then ".join(
+                "+".join(b for b, on in zip(("img", "cls", "txt"), st[:3]) if on) + f" on {'/'.join(st[3])}" for st in VARIANTS[v].stages
+            ) for v in variants
+        ) + ". Single-branch arms read only the sources their branch learns from, so every sample of their batches counts.",
         f"- data: the demo set (`m3i demo-data`, sharded with `m3i shard`) at `{d.shards}`: {num_classes} shape classes, "
         f"{d.image_size} px; scored on the held-out `{cfg.evaluate.eval_split}` split.",
         f"- model: `{cfg.model.backbone}`, patch {cfg.model.patch_size}; every run {steps} optimizer steps at batch "
@@ -316,17 +349,24 @@ def render_markdown(
         lines.append(f"| `{v}` | " + " | ".join(cells) + " |")
     lines += ["", "## Verdict (computed)", ""]
     if "m3i" in s and len(s) > 1:
+        n_m3i = int(s["m3i"]["n"][0])
         for metric, name in (("knn_top1", "kNN"), ("probe_top1", "linear probe")):
-            best = max(s, key=lambda v: s[v][metric][0])
             others = [v for v in s if v != "m3i"]
-            runner = max(others, key=lambda v: s[v][metric][0])
-            gap = s["m3i"][metric][0] - s[runner][metric][0]
-            spread = max(s["m3i"][metric][1], s[runner][metric][1])
-            if best == "m3i":
-                clear = "larger" if gap > spread else "not larger"
-                lines.append(f"- {name}: M3I has the best mean, {gap:.1f} points above `{runner}`; the gap is {clear} than the seed spread ({spread:.1f}).")
+            rival = max(others, key=lambda v: s[v][metric][0])
+            (m1, s1), (m2, s2) = s["m3i"][metric], s[rival][metric]
+            n2 = int(s[rival]["n"][0])
+            se = math.sqrt(s1**2 / n_m3i + s2**2 / n2)
+            t_stat = (m1 - m2) / se if se > 0 else (0.0 if m1 == m2 else math.copysign(math.inf, m1 - m2))
+            crit = _T_CRIT.get(n_m3i + n2 - 2, 2.0)
+            clear = "a clear" if abs(t_stat) > crit else "not a clear"
+            if m1 >= m2:
+                head = f"M3I has the best mean, {m1 - m2:.1f} points above the best other arm `{rival}`"
             else:
-                lines.append(f"- {name}: M3I does **not** win: `{best}` is best, M3I is {-(s['m3i'][metric][0] - s[best][metric][0]):.1f} points behind (seed spread up to {spread:.1f}).")
+                head = f"M3I does **not** win: `{rival}` is best, M3I is {m2 - m1:.1f} points behind"
+            lines.append(
+                f"- {name}: {head}; t = {t_stat:.2f} (difference over its standard error from the seed std), "
+                f"{clear} difference at the two-sided 5 % level (|t| > {crit})."
+            )
     lines.append("")
     if notes:
         lines += [notes.rstrip(), ""]
@@ -352,7 +392,6 @@ def cmd_ablate(args: argparse.Namespace, cfg: Config) -> int:
     """The ``m3i ablate`` subcommand (see the module docstring)."""
     from m3i.evaluate import read_split_index
 
-    t0 = time.monotonic()
     results = run_ablation(cfg, variants=args.variants, seeds=args.seeds, steps=args.steps, workdir=args.workdir, jobs=args.jobs, threads=args.threads)
     num_classes = read_split_index(cfg.data.shards).num_classes
     doc = Path(args.doc)
@@ -367,7 +406,7 @@ def cmd_ablate(args: argparse.Namespace, cfg: Config) -> int:
     png.write_bytes(_plot(results, args.variants, num_classes, args.steps, len(args.seeds)))
     doc.write_text(render_markdown(
         results, cfg, variants=args.variants, seeds=args.seeds, steps=args.steps, command=command,
-        wall_seconds=time.monotonic() - t0, num_classes=num_classes, png_name=png.name, notes=notes,
+        num_classes=num_classes, png_name=png.name, notes=notes,
     ))
     for v, r in summarise(results, args.variants).items():
         print(f"{v:10s} kNN top-1 {r['knn_top1'][0]:5.1f} ± {r['knn_top1'][1]:4.1f}   probe top-1 {r['probe_top1'][0]:5.1f} ± {r['probe_top1'][1]:4.1f}")

@@ -91,16 +91,35 @@ def test_bad_arguments_are_value_errors(setup, tmp_path):
 
 def _fake(variant: str, seed: int, knn: float, probe: float) -> dict:
     return {"variant": variant, "seed": seed, "steps": 10, "knn_top1": knn, "probe_top1": probe, "knn_top5": 0.9,
-            "probe_top5": 0.9, "feature_std": 0.5, "losses": {}, "train_seconds": 1.0, "eval_seconds": 1.0}
+            "probe_top5": 0.9, "feature_std": 0.5, "losses": {}, "train_seconds": 1.0, "eval_seconds": 1.0,
+            "started_unix": 100.0 + seed, "finished_unix": 102.0 + seed}
 
 
 def test_verdict_says_when_m3i_does_not_win():
     cfg = load_config(None, overrides=[f"{k}.{kk}={vv}" for k, v in TINY_TRAIN.items() for kk, vv in v.items() if k in ("model",)])
     results = [_fake("m3i", s, 0.30 + 0.01 * s, 0.40) for s in range(3)] + [_fake("cls", s, 0.50, 0.35 + 0.01 * s) for s in range(3)]
+    results.append(_fake("img", 0, 0.31, 0.30))
+    results.append(_fake("img", 1, 0.29, 0.32))
     doc = ablate.render_markdown(
-        results, cfg, variants=["m3i", "cls"], seeds=[0, 1, 2], steps=10, command="m3i ablate", wall_seconds=60,
-        num_classes=8, png_name="ablation.png",
+        results, cfg, variants=["m3i", "cls", "img"], seeds=[0, 1, 2], steps=10, command="m3i ablate", num_classes=8,
+        png_name="ablation.png",
     )
     assert "| M3I (all three) (`m3i`) | 31.0 ± 1.0 | 40.0 ± 0.0 |" in doc
-    assert "kNN: M3I does **not** win: `cls` is best, M3I is 19.0 points behind" in doc
-    assert "linear probe: M3I has the best mean, 4.0 points above `cls`" in doc
+    assert "kNN: M3I does **not** win: `cls` is best, M3I is 19.0 points behind; t = -32.91" in doc
+    assert "linear probe: M3I has the best mean, 4.0 points above the best other arm `cls`; t = 6.93" in doc
+    assert "a clear difference at the two-sided 5 % level (|t| > 2.78)" in doc
+    # M3I against an arm of 2 seeds with the same mean: no clear difference
+    doc = ablate.render_markdown(
+        [r for r in results if r["variant"] != "cls"], cfg, variants=["m3i", "img"], seeds=[0, 1, 2], steps=10,
+        command="m3i ablate", num_classes=8, png_name="ablation.png",
+    )
+    assert "kNN: M3I has the best mean, 1.0 points above the best other arm `img`" in doc
+    assert "not a clear difference at the two-sided 5 % level (|t| > 3.18)" in doc
+
+
+def test_results_of_other_settings_in_the_same_workdir_are_kept(tmp_path):
+    path = tmp_path / "results.json"
+    ablate._save_result(path, "a", _fake("m3i", 0, 0.2, 0.2))
+    ablate._save_result(path, "b", _fake("cls", 0, 0.3, 0.3))  # another ablation, e.g. run at the same time
+    assert [r["variant"] for r in ablate._save_result(path, "a", _fake("m3i", 1, 0.2, 0.2))] == ["m3i", "m3i"]
+    assert set(json.loads(path.read_text())) == {"a", "b"}

@@ -307,6 +307,17 @@ def test_evaluate_a_model_and_write_results_on_s3(trained, tmp_path, s3_bucket):
     assert m["model"]["kind"] == "exported" and m["counts"]["eval"] == 16
     assert {"kfp_metrics.json", "confusion_matrix.json", "confusion.png", "report.md"} <= {o.key for o in results.list()}
 
+    # a run's output on s3: its latest complete checkpoint is found and read
+    run = open_store(f"{s3_bucket}/runs/tiny")
+    for f in sorted((trained["run"] / "checkpoints").rglob("*")):
+        if f.is_file():
+            run.put_file(f.relative_to(trained["run"]).as_posix(), str(f))
+    enc = load_encoder(f"{s3_bucket}/runs/tiny")
+    x = torch.randn(2, 3, 32, 32)
+    assert enc.kind == "checkpoint" and enc.step == 2
+    with torch.no_grad():
+        assert torch.equal(embed(enc.module, x), embed(load_exported(str(handmade)), x))
+
 
 # ---------------------------------------------------------------------------- Pushgateway
 
