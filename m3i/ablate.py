@@ -380,11 +380,11 @@ def _plot(results: list[dict[str, Any]], variants: Sequence[str], num_classes: i
     vs = [v for v in variants if v in s]
     means = [[s[v]["knn_top1"][0], s[v]["probe_top1"][0]] for v in vs]
     spreads = [[s[v]["knn_top1"][1], s[v]["probe_top1"][1]] for v in vs]
-    top = min(100.0, max(10.0, math.ceil(max(m + e for ms, es in zip(means, spreads) for m, e in zip(ms, es)) / 10 + 1) * 10))
+    top = min(100.0, max(10.0, math.ceil(max(m + e for ms, es in zip(means, spreads) for m, e in zip(ms, es)) * 1.15 / 10) * 10))
     return bar_chart_png(
         vs, ["kNN top-1", "linear probe top-1"], means, spreads, ylabel="top-1 accuracy, %", ymax=top,
         title=f"held-out top-1, mean ± std over {seeds} seeds, {steps} steps each",
-        reference=100 / num_classes, reference_label="chance",
+        reference=100 / num_classes, reference_label=f"chance ({100 / num_classes:.1f} %)",
     )
 
 

@@ -126,6 +126,20 @@ def test_linear_probe_is_deterministic_per_seed():
     assert not torch.equal(a, linear_probe(x, y, x, 10, epochs=5, seed=2))
 
 
+def test_eval_view_uses_the_models_own_mean_std_and_crop():
+    import numpy as np
+
+    from m3i.evaluate import Encoder, eval_transform
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 20, 3), dtype=np.uint8))
+    view = eval_transform(Encoder(None, 16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), crop_pct=0.8))
+    x = view({"image": img, "cls": 3})
+    # crop_pct 0.8: the short side is resized to 16 / 0.8 = 20 (no-op here), then the centre 16 x 16 kept
+    raw = torch.from_numpy(np.asarray(img)[2:18, 2:18].copy()).permute(2, 0, 1).float() / 255
+    assert x["cls"] == 3 and x["image"].shape == (3, 16, 16)
+    assert torch.allclose(x["image"], (raw - 0.5) / 0.25, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------- config
 
 

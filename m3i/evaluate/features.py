@@ -48,12 +48,12 @@ class Features:
         return int(self.labels.numel())
 
 
-class _Renormalise:
-    """The eval view, normalised with the model's own mean and std where they are not ImageNet's."""
+class _EvalView:
+    """The eval view at the model's crop, normalised with its own mean and std where they are not ImageNet's."""
 
-    def __init__(self, image_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+    def __init__(self, image_size: int, mean: tuple[float, ...], std: tuple[float, ...], crop_pct: float) -> None:
         cfg = dataclasses.replace(Config(), data=DataConfig(image_size=image_size))
-        self.base = EvalTransform(cfg)
+        self.base = EvalTransform(cfg, crop_pct)
         self.fix = tuple(mean) != IMAGENET_MEAN or tuple(std) != IMAGENET_STD
         if self.fix:
             self.a = (torch.tensor(IMAGENET_STD) / torch.tensor(std)).view(3, 1, 1)
@@ -67,8 +67,8 @@ class _Renormalise:
 
 
 def eval_transform(encoder: Encoder) -> Callable[[dict[str, Any], torch.Generator | None], dict[str, torch.Tensor]]:
-    """The deterministic eval view (resize, centre crop) at the encoder's size and normalisation."""
-    return _Renormalise(encoder.image_size, encoder.mean, encoder.std)
+    """The deterministic eval view (resize, centre crop) at the encoder's size, crop and normalisation."""
+    return _EvalView(encoder.image_size, encoder.mean, encoder.std, encoder.crop_pct)
 
 
 class LabelledSplit(IterableDataset):

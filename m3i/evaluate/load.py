@@ -35,6 +35,8 @@ EXPORT_CONFIG = "config.json"
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_MANIFEST = "export.json"
 CHECKPOINT_MARKER = "complete.json"
+EVAL_CROP_PCT = 0.875
+"""The default centre crop of :class:`m3i.transforms.EvalTransform` (timm/DeiT); an export's ``crop_pct`` wins."""
 
 
 @dataclass
@@ -47,6 +49,8 @@ class Encoder:
     """Side of the square input it was trained at."""
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    crop_pct: float = EVAL_CROP_PCT
+    """Centre crop of the eval view: resize the short side to ``image_size / crop_pct``, crop ``image_size``."""
     kind: str = "checkpoint"
     """``checkpoint`` or ``exported``."""
     uri: str = ""
@@ -101,21 +105,16 @@ def load_exported(uri: str) -> nn.Module:
     return model.eval()
 
 
-def _exported_image_size(config: dict[str, Any], model: nn.Module) -> int:
-    for key in ("image_size", "img_size"):
-        if config.get(key):
-            v = config[key]
-            return int(v[-1] if isinstance(v, (list, tuple)) else v)
-    if config.get("input_size"):
-        return int(config["input_size"][-1])
-    if (config.get("pretrained_cfg") or {}).get("input_size"):
-        return int(config["pretrained_cfg"]["input_size"][-1])
-    return int(model.patch_embed.img_size[-1])
-
-
-def _norm(config: dict[str, Any], key: str, default: tuple[float, float, float]) -> tuple[float, float, float]:
-    v = config.get(key) or (config.get("pretrained_cfg") or {}).get(key) or default
-    return tuple(float(x) for x in v)  # type: ignore[return-value]
+def _data_cfg(config: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+    """Preprocessing from timm's ``pretrained_cfg`` (what ``timm.data.resolve_data_config`` reads), else defaults."""
+    pre = config.get("pretrained_cfg") or {}
+    size = pre.get("input_size")
+    return {
+        "image_size": int(size[-1]) if size else int(model.patch_embed.img_size[-1]),
+        "mean": tuple(float(x) for x in pre.get("mean", IMAGENET_MEAN)),
+        "std": tuple(float(x) for x in pre.get("std", IMAGENET_STD)),
+        "crop_pct": float(pre.get("crop_pct", EVAL_CROP_PCT)),
+    }
 
 
 def _encoder_from_export(uri: str) -> Encoder:
@@ -126,9 +125,7 @@ def _encoder_from_export(uri: str) -> Encoder:
     manifest = store.read_json(EXPORT_MANIFEST) if store.exists(EXPORT_MANIFEST) else {}
     return Encoder(
         module=module,
-        image_size=_exported_image_size(config, module),
-        mean=_norm(config, "mean", IMAGENET_MEAN),
-        std=_norm(config, "std", IMAGENET_STD),
+        **_data_cfg(config, module),
         kind="exported",
         uri=store.uri,
         name=str(manifest.get("name") or config["architecture"]),

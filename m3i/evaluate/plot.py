@@ -149,11 +149,13 @@ def bar_chart_png(
         y = y_of(reference)
         for x in range(left, right, 12):
             draw.line((x, y, min(x + 6, right), y), fill=(120, 120, 120), width=1)
-        if reference_label:
-            draw.text((right - _text_w(draw, reference_label, small) - 4, y - 16), reference_label, fill=(90, 90, 90), font=small)
     x = left
     for s, name in enumerate(series):  # legend
         draw.rectangle((x, height - 32, x + 14, height - 18), fill=_PALETTE[s % len(_PALETTE)])
         draw.text((x + 20, height - 34), name, fill="black", font=small)
         x += 40 + _text_w(draw, name, small)
+    if reference is not None and reference_label:
+        for xx in (x, x + 10):
+            draw.line((xx, height - 25, xx + 6, height - 25), fill=(120, 120, 120), width=1)
+        draw.text((x + 22, height - 34), reference_label, fill="black", font=small)
     return _png(img)

@@ -119,7 +119,7 @@ def evaluate(cfg: Config) -> EvalResult:
         "model": {
             "uri": encoder.uri, "kind": encoder.kind, "name": encoder.name, "step": encoder.step,
             "run_id": encoder.info.get("run_id", ""), "architecture": encoder.info.get("architecture", ""),
-            "image_size": encoder.image_size, "mean": list(encoder.mean), "std": list(encoder.std),
+            "image_size": encoder.image_size, "crop_pct": encoder.crop_pct, "mean": list(encoder.mean), "std": list(encoder.std),
         },
         "data": {"shards": index.uri, "train_split": e.train_split, "eval_split": e.eval_split},
         "classes": list(index.classes),
