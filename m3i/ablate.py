@@ -1,6 +1,6 @@
 """``m3i ablate``: does all-in-one beat each part? Equal steps and batch, several seeds, kNN and probe.
 
-    m3i ablate --preset demo --steps 100 --seeds 0 1 2 --workdir m3i-data/ablation --doc docs/ablation.md
+    m3i ablate --preset demo --set train.lr=8e-3 --set train.warmup_steps=30 --steps 300 --seeds 0 1 2 --jobs 2
 
 Variants (``--variants``, default all of them):
 
@@ -418,7 +418,7 @@ def add_ablate_parser(sub: Any, config_args: Any) -> argparse.ArgumentParser:
     """Register ``m3i ablate`` on the CLI's subparsers (``config_args`` adds --preset/--config/--set); returns its parser."""
     p = sub.add_parser("ablate", help="M3I vs each branch alone vs two-stage, equal steps, several seeds -> Markdown + PNG")
     config_args(p, "demo")
-    p.add_argument("--steps", type=int, default=100, help="optimizer steps per run (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps per run (default: %(default)s)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default: 0 1 2)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), help="arms to run (default: all)")
     p.add_argument("--workdir", default="m3i-data/ablation", help="results.json goes here (default: %(default)s)")
