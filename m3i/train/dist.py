@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -49,11 +50,18 @@ def init_distributed(backend: str = "auto", timeout_s: int = 1800) -> DistInfo:
     if not use_cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if "MASTER_ADDR" not in os.environ:  # a plain `m3i train` without torchrun
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29511"), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     import deepspeed
 
     deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     return DistInfo(rank, world, local_rank, local_world, node_rank, device)
+
+
+def _free_port() -> int:
+    """A free port on 127.0.0.1, so two single-process runs on one machine do not clash."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def barrier() -> None:
