@@ -16,7 +16,7 @@ TORCHX := torchx==0.7.0 pyre-extensions==0.0.32 typing-inspect==0.9.0 mypy-exten
           docstring-parser==0.18.0 importlib-metadata==8.7.0 zipp==4.1.2 docker==7.2.0 \
           filelock==4.3.1 fsspec==2026.9.0 tabulate==0.10.0
 
-.PHONY: install services demo test clean
+.PHONY: install services tools demo test clean
 
 install: $(STAMP)
 
@@ -33,7 +33,11 @@ demo: install
 services:
 	bash scripts/install-services.sh
 
-test: install services
+# helm, hadolint and checkov for the deployment tests, into .cache/tools (offline linters).
+tools:
+	bash scripts/install-k8s-tools.sh
+
+test: install services tools
 	$(BIN)/pytest -q
 
 clean:
