@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["IMAGE_EXTENSIONS", "InputItem", "BadInput", "Discovery", "discover"]
+__all__ = ["IMAGE_EXTENSIONS", "InputItem", "BadInput", "Discovery", "caption_rows", "discover"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 SOURCES = ("labelled", "captioned", "unlabelled")
@@ -94,7 +94,7 @@ def _class_folders(kind: str, root: str, split: str, items: list[InputItem], bad
     return classes
 
 
-def _caption_rows(path: Path) -> list[tuple[int, dict | None, str | None]]:
+def caption_rows(path: Path) -> list[tuple[int, dict | None, str | None]]:
     """(line number, row or None, error or None) for each non-empty row of a JSONL or CSV file."""
     rows: list[tuple[int, dict | None, str | None]] = []
     if path.suffix.lower() == ".csv":
@@ -128,7 +128,7 @@ def _captions(root: str, items: list[InputItem], bad: list[BadInput]) -> None:
     if path.suffix.lower() not in (".jsonl", ".json", ".csv"):
         raise ValueError(f"shard.captions={root!r} must be a .jsonl or .csv file")
     path = path.resolve()
-    for line, row, err in _caption_rows(path):
+    for line, row, err in caption_rows(path):
         rid = f"{path.name}:{line}"
         if err is not None:
             bad.append(BadInput("captioned", rid, err))

@@ -34,6 +34,9 @@ class ObjectInfo:
     metadata: dict[str, str] | None = None
     """User metadata stored with the object (e.g. ``sha256``), where the backend keeps it."""
 
+    etag: str | None = None
+    """Changes when the object is rewritten: the S3 ETag, or ``<mtime_ns>-<size>`` of a local file."""
+
 
 def sha256_file(stream: BinaryIO) -> str:
     """Hex sha256 of a readable binary stream, read in 1 MiB chunks."""

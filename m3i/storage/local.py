@@ -89,14 +89,14 @@ class LocalStore(Store):
     def stat(self, key: str) -> ObjectInfo | None:
         p = self._path(key)
         try:
-            size = p.stat().st_size
+            st = p.stat()
         except FileNotFoundError:
             return None
         meta = None
         mp = self._meta_path(key)
         if mp.exists():
             meta = json.loads(mp.read_text())
-        return ObjectInfo(key.strip("/"), size, meta)
+        return ObjectInfo(key.strip("/"), st.st_size, meta, f"{st.st_mtime_ns}-{st.st_size}")
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         if not self.root.exists():

@@ -310,7 +310,7 @@ class S3Store(Store):
                 lk = k.lower()
                 if lk.startswith("x-amz-meta-"):
                     meta[lk[len("x-amz-meta-") :]] = v
-            return ObjectInfo(key.strip("/"), int(st.size or 0), meta or None)
+            return ObjectInfo(key.strip("/"), int(st.size or 0), meta or None, (st.etag or "").strip('"') or None)
 
         return self._retry("stat", key, fetch)
 
@@ -328,7 +328,7 @@ class S3Store(Store):
 
         def fetch() -> list[ObjectInfo]:
             return [
-                ObjectInfo(o.object_name[strip:], int(o.size or 0))
+                ObjectInfo(o.object_name[strip:], int(o.size or 0), etag=(o.etag or "").strip('"') or None)
                 for o in self._client.list_objects(self.bucket, prefix=full, recursive=True)
                 if not o.is_dir
             ]
