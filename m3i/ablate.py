@@ -49,11 +49,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Any, Sequence
 
 from m3i.config import Config, to_dict
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["VARIANTS", "Variant", "run_ablation", "train_run", "evaluate_backbone", "render_markdown"]
 
@@ -101,6 +102,7 @@ def train_run(cfg: Config, init_backbone: dict[str, torch.Tensor] | None = None)
         init_backbone: A backbone state dict to start from (stage 2), loaded into the online
             encoder and, with the image branch on, its EMA target.
     """
+    import torch  # here, not at import time: `m3i --help` and `m3i pipeline` need no torch
     from m3i.data import ShardLoader
     from m3i.models import build_model, ema_momentum
     from m3i.train.engine import lr_lambda, param_groups, peak_lr
@@ -201,6 +203,7 @@ def _save_result(path: Path, key: str, run: dict[str, Any] | None) -> list[dict[
 
 
 def _worker(args: tuple[Config, str, int, int, int]) -> dict[str, Any]:
+    import torch  # here, not at import time: `m3i --help` and `m3i pipeline` need no torch
     cfg, variant, seed, steps, threads = args
     torch.set_num_threads(threads)
     return run_one(cfg, variant, seed, steps)
@@ -214,6 +217,7 @@ def run_ablation(
     Raises:
         ValueError: On an unknown variant or bad counts.
     """
+    import torch  # here, not at import time: `m3i --help` and `m3i pipeline` need no torch
     for v in variants:
         if v not in VARIANTS:
             raise ValueError(f"variant {v!r} is not known; choose from {list(VARIANTS)}")
@@ -284,6 +288,7 @@ def render_markdown(
     command: str, num_classes: int, png_name: str, notes: str = "",
 ) -> str:
     """The report: how it was run, the table (mean +- std over seeds), per-seed values, a verdict."""
+    import torch  # here, not at import time: `m3i --help` and `m3i pipeline` need no torch
     s = summarise(results, variants)
     stamped = [r for r in results if "started_unix" in r]
     t0, t1 = (min(r["started_unix"] for r in stamped), max(r["finished_unix"] for r in stamped)) if stamped else (0.0, 0.0)

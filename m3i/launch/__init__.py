@@ -24,11 +24,19 @@ from typing import Any, Sequence, TextIO
 import yaml
 
 from m3i.config.launch import LaunchConfig
-from m3i.launch.torchx_app import build_appdef
 
 __all__ = ["LaunchConfig", "LaunchResult", "build_appdef", "launch", "render", "to_yaml"]
 
 _OK_STATES = ("DRYRUN", "SUBMITTED", "SUCCEEDED")
+
+
+def __getattr__(name: str) -> Any:
+    # torchx is imported only when a launch needs it: `m3i pipeline` runs where it is absent.
+    if name == "build_appdef":
+        from m3i.launch.torchx_app import build_appdef
+
+        return build_appdef
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -141,6 +149,8 @@ def _run_local(
     cfg: LaunchConfig, train_args: Sequence[str], dryrun: bool, wait_interval: float, log: TextIO | None, app_kw: dict[str, Any]
 ) -> LaunchResult:
     from torchx.runner import get_runner
+
+    from m3i.launch.torchx_app import build_appdef
 
     app = build_appdef(cfg, train_args, **app_kw)
     with get_runner() as runner:
