@@ -8,6 +8,7 @@
     m3i ablate    [--preset demo] [--steps N] [--seeds 0 1 2] [--variants ...]   M3I vs each branch -> docs/ablation.md
     m3i launch    [--scheduler local_cwd|kubernetes] [--kind volcano|pytorchjob] [--dryrun] [-- train args]
     m3i demo      demo data -> shards -> one loader pass -> 2-process training, on this machine
+    m3i pipeline  compile | upload | run | schedule | params | run-local   (the Kubeflow pipeline m3i-pretrain)
 
 Every stage takes ``--preset``, ``--config FILE`` and repeated ``--set section.key=value``.
 Bad values exit with status 2 and one line naming the value; other failures with 1.
@@ -297,8 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     from m3i.launch.cli import add_launch_parser
+    from m3i.pipeline.cli import add_pipeline_parser
 
     add_launch_parser(sub)
+    add_pipeline_parser(sub)
     return parser
 
 
@@ -316,7 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"m3i {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except (StorageError, RuntimeError, OSError) as e:
+    except (StorageError, RuntimeError, OSError, LookupError) as e:
         print(f"m3i {args.command}: failed: {e}", file=sys.stderr)
         return 1
 

@@ -1,0 +1,145 @@
+"""``m3i pipeline ...``: compile, upload, run and schedule ``m3i-pretrain``; or run it here.
+
+    m3i pipeline compile   [--out FILE]
+    m3i pipeline upload    [--package FILE] [--version NAME]
+    m3i pipeline run       [--param KEY=VALUE ...] [--params JSON] [--experiment m3i] [--run-name NAME] [--service-account SA]
+    m3i pipeline schedule  --cron "0 3 * * 0" [--name NAME] [--param KEY=VALUE ...] [--max-concurrency 1]
+    m3i pipeline run-local [--workdir m3i-data/pipeline] [--steps N] [--set section.key=value ...]
+    m3i pipeline params                                   # the pipeline's parameters and defaults
+
+upload/run/schedule read the endpoint and auth from KFP_HOST, KFP_NAMESPACE, KFP_TOKEN,
+KFP_CA_BUNDLE (see m3i/pipeline/kfp_client.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+__all__ = ["add_pipeline_parser"]
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from m3i.pipeline.build import SOURCE_PIPELINE, compile_pipeline, pipeline_sha256
+
+    out = compile_pipeline(args.out or SOURCE_PIPELINE)
+    print(f"compiled m3i-pretrain to {out} (sha256 {pipeline_sha256(out)[:16]})")
+    return 0
+
+
+def cmd_upload(args: argparse.Namespace) -> int:
+    from m3i.pipeline.kfp_client import connect, upload
+
+    r = upload(connect(), args.package, args.version)
+    what = "uploaded" if r.created else "already there:"
+    print(f"{what} m3i-pretrain version {r.version_name} (pipeline {r.pipeline_id}, version {r.version_id})")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from m3i.pipeline.kfp_client import check_params, connect, parse_params, parse_params_json, start_run
+
+    params = {**parse_params_json(args.params), **parse_params(args.param)}
+    check_params(params)
+    r = start_run(connect(), params, experiment=args.experiment, run_name=args.run_name, service_account=args.service_account)
+    print(f"started run {r['run_id']} of m3i-pretrain {r['version']} in experiment {args.experiment}")
+    return 0
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    from m3i.pipeline.kfp_client import check_params, connect, parse_params, parse_params_json, schedule
+
+    params = {**parse_params_json(args.params), **parse_params(args.param)}
+    check_params(params)
+    r = schedule(
+        connect(), args.cron, name=args.name, experiment=args.experiment, params=params,
+        service_account=args.service_account, max_concurrency=args.max_concurrency,
+    )
+    replaced = f", replacing {len(r['replaced'])}" if r["replaced"] else ""
+    print(f"recurring run {args.name} ({r['recurring_run_id']}): cron '{r['cron']}', latest version, max concurrency {args.max_concurrency}{replaced}")
+    return 0
+
+
+def cmd_params(args: argparse.Namespace) -> int:
+    from m3i.pipeline.kfp_client import pipeline_parameters
+
+    for name, default in sorted(pipeline_parameters(args.package).items()):
+        print(f"  {name:20s} {json.dumps(default)}")
+    return 0
+
+
+def cmd_run_local(args: argparse.Namespace) -> int:
+    from m3i.pipeline.local import run_local
+
+    arguments: dict[str, Any] = {}
+    if args.steps:
+        arguments["steps"] = args.steps
+    print(f"m3i-pretrain on this machine (kfp.local): demo data -> shard -> train -> export -> evaluate, under {args.workdir}")
+    r = run_local(args.workdir, arguments=arguments, overrides=args.overrides, run_name=args.run_name)
+    print(f"pipeline finished in {r.seconds:.0f}s")
+    data = r.manifests.get("shard/dataset", {})
+    run = r.manifests.get("train/checkpoint", {})
+    model = r.manifests.get("export/model", {})
+    if data:
+        print(f"  data set   {data['uri']}: {data['samples']} samples, splits " + ", ".join(f"{k} {v['samples']}" for k, v in sorted(data["splits"].items())))
+    if run:
+        loss = " ".join(f"{k}={v:.4f}" for k, v in run["last_parts"].items() if k.startswith("loss"))
+        print(f"  training   {run['steps']} steps on {run['world_size']} processes in {run['train_seconds']:.0f}s; {loss}")
+        print(f"             checkpoint {run['checkpoint']}")
+    if model:
+        print(f"  model      {model['uri']} (timm {model['architecture']}, sha256 {model['sha256'][:16]})")
+    if r.scores:
+        s = r.scores
+        print(
+            f"  scores     kNN top-1 {100 * s['knn_top1']:.1f} %  linear probe top-1 {100 * s['probe_top1']:.1f} %  "
+            f"({int(s['eval_samples'])} held-out images)"
+        )
+    print("  artifacts (kfp.local):")
+    for key, path in sorted(r.artifacts.items()):
+        print(f"    {key:20s} {path}")
+    return 0
+
+
+def add_pipeline_parser(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser("pipeline", help="the Kubeflow pipeline m3i-pretrain: compile, upload, run, schedule, run-local")
+    ps = p.add_subparsers(dest="pipeline_command", required=True, metavar="ACTION")
+
+    c = ps.add_parser("compile", help="compile the pipeline to KFP IR YAML (default: the packaged m3i/pipeline/m3i-pretrain.yaml)")
+    c.add_argument("--out", metavar="FILE")
+    c.set_defaults(func=cmd_compile)
+
+    c = ps.add_parser("upload", help="upload a new pipeline version to KFP (KFP_HOST)")
+    c.add_argument("--package", metavar="FILE", help="compiled pipeline (default: the packaged one)")
+    c.add_argument("--version", metavar="NAME", help="version name (default: <m3i version>-<code revision>)")
+    c.set_defaults(func=cmd_upload)
+
+    def run_args(c: argparse.ArgumentParser) -> None:
+        c.add_argument("--param", action="append", metavar="KEY=VALUE", help="pipeline argument, JSON values allowed (repeatable)")
+        c.add_argument("--params", metavar="JSON", default="", help="pipeline arguments as one JSON object; --param entries win")
+        c.add_argument("--experiment", default="m3i", help="KFP experiment (default: %(default)s)")
+        c.add_argument("--service-account", metavar="SA", help="Kubernetes ServiceAccount of the run's pods (e.g. m3i-pipeline)")
+
+    c = ps.add_parser("run", help="start a run of the newest pipeline version")
+    run_args(c)
+    c.add_argument("--run-name", metavar="NAME")
+    c.set_defaults(func=cmd_run)
+
+    c = ps.add_parser("schedule", help="create or replace a recurring run (always the newest version)")
+    run_args(c)
+    c.add_argument("--cron", required=True, help="crontab (5 fields) or KFP cron (6, seconds first)")
+    c.add_argument("--name", default="m3i-pretrain-scheduled", help="recurring run name (default: %(default)s)")
+    c.add_argument("--max-concurrency", type=int, default=1)
+    c.set_defaults(func=cmd_schedule)
+
+    c = ps.add_parser("params", help="list the pipeline's parameters and defaults")
+    c.add_argument("--package", metavar="FILE")
+    c.set_defaults(func=cmd_params)
+
+    c = ps.add_parser("run-local", help="run the whole pipeline here on the demo data with kfp.local")
+    c.add_argument("--workdir", default="m3i-data/pipeline", help="where everything goes (default: %(default)s)")
+    c.add_argument("--steps", type=int, default=0, help="training steps (default: the demo preset's)")
+    c.add_argument("--run-name", default="local", help="runs/<name>, evals/<name>; reusing it resumes training")
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    c.set_defaults(func=cmd_run_local)
+    return p

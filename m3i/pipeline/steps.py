@@ -1,0 +1,431 @@
+"""What each step of the ``m3i-pretrain`` pipeline does; the KFP components in ``components/`` call these.
+
+    plan   = plan_dataset(sources, "s3://m3i", preset="default")    # never cached
+    data   = shard_dataset(sources, plan["dataset_uri"], ...)       # cached on plan["cache_key"]
+    run    = train_model(data["uri"], "s3://m3i/runs/r1", launcher="volcano", ...)
+    model  = export_model(run["checkpoint"], "s3://m3i/models", ...)
+    scores = evaluate_model(model["uri"], data["uri"], "s3://m3i/evals/r1", ...)
+
+Each returns a small JSON-able manifest (URIs, counts, sha256); the bytes stay in object
+storage. Config comes from the named preset, then the file named by ``M3I_CONFIG`` when it
+exists (the cluster's ``m3i-launch`` ConfigMap, mounted by the pipeline), then the step's
+``overrides`` (``section.key=value``), in that order.
+
+Storage layout under the pipeline's ``storage_uri``:
+
+    datasets/<digest16>/    shards + index.json; digest of the input listing and shard settings
+    runs/<run>/             checkpoints, summary.json (one per pipeline run)
+    models/<name>/<version> exported backbone (m3i export)
+    evals/<run>/            metrics.json, report.md, confusion matrix (m3i evaluate)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import posixpath
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence, TextIO
+
+import yaml
+
+from m3i.config import Config, load_config, to_dict
+from m3i.storage import is_remote, join_uri, open_store
+from m3i.storage.base import ObjectInfo
+
+__all__ = [
+    "SOURCE_KINDS",
+    "LAUNCHERS",
+    "run_uri",
+    "config_overrides_from_file",
+    "step_config",
+    "list_sources",
+    "plan_dataset",
+    "verify_dataset",
+    "stage_sources",
+    "shard_dataset",
+    "train_model",
+    "export_model",
+    "evaluate_model",
+]
+
+log = logging.getLogger(__name__)
+
+SOURCE_KINDS = ("labelled", "captions", "unlabelled", "eval_labelled")
+"""Kinds of raw input, as the pipeline's parameters and ``shard.*`` name them."""
+
+LAUNCHERS = ("inline", "volcano", "pytorchjob")
+"""``inline``: torchrun inside the train step's own pod (one node); else a Kubernetes job of that kind."""
+
+CONFIG_ENV = "M3I_CONFIG"
+
+
+def config_overrides_from_file(path: str | os.PathLike) -> list[str]:
+    """A YAML file of config sections as ``section.key=<json>`` overrides (what a job's pods can be given)."""
+    with open(path, encoding="utf-8") as f:
+        doc = yaml.safe_load(f) or {}
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path}: a config file holds sections (a mapping); got {type(doc).__name__}")
+    out = []
+    for section, values in doc.items():
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: section {section!r} must be a mapping of keys; got {values!r}")
+        out += [f"{section}.{k}={json.dumps(v)}" for k, v in values.items()]
+    return out
+
+
+def run_uri(storage_uri: str, kind: str, run: str = "") -> str:
+    """``<storage_uri>/<kind>[/<run>]``: where a pipeline run's outputs of one kind go.
+
+    Raises:
+        ValueError: ``run`` is not a plain name (letters, digits, ``-_.``; no slashes).
+    """
+    if run and (not all(c.isalnum() or c in "-_." for c in run) or run.startswith(".")):
+        raise ValueError(f"run name {run!r} must be letters, digits, '-', '_' or '.', not starting with '.'")
+    return join_uri(storage_uri, kind, run) if run else join_uri(storage_uri, kind)
+
+
+def _toleration_spec(t: dict[str, Any] | str) -> str:
+    """A Kubernetes toleration dict as ``launch.tolerations`` spells it: ``key[=value][:Effect]``."""
+    if isinstance(t, str):
+        return t
+    if not t.get("key"):
+        raise ValueError(f"toleration {t!r} has no key; a job's tolerations need one")
+    spec = t["key"] + (f"={t['value']}" if t.get("value") and t.get("operator", "Equal") == "Equal" else "")
+    return spec + (f":{t['effect']}" if t.get("effect") else "")
+
+
+def _cluster_overrides() -> list[str]:
+    path = os.environ.get(CONFIG_ENV, "")
+    return config_overrides_from_file(path) if path and os.path.exists(path) else []
+
+
+def step_config(preset: str, overrides: Sequence[str] = ()) -> tuple[Config, list[str]]:
+    """The config of a step and the full list of overrides it came from (the cluster file's first)."""
+    full = [*_cluster_overrides(), *overrides]
+    return load_config(preset or None, None, full), full
+
+
+def _source_overrides(sources: dict[str, Sequence[str]]) -> list[str]:
+    unknown = set(sources) - set(SOURCE_KINDS)
+    if unknown:
+        raise ValueError(f"sources has kinds {sorted(unknown)}; allowed kinds are {list(SOURCE_KINDS)}")
+    return [f"shard.{k}={json.dumps(list(sources.get(k) or []))}" for k in SOURCE_KINDS]
+
+
+def _roots(sources: dict[str, Sequence[str]]) -> list[tuple[str, str, str]]:
+    """``(kind, given, root)``: the folder whose objects make up each source (for a caption file, its folder)."""
+    out = []
+    for kind in SOURCE_KINDS:
+        for given in sources.get(kind) or []:
+            if kind == "captions":
+                root = given.rsplit("/", 1)[0] if is_remote(given) else str(Path(given).resolve().parent)
+            else:
+                root = given if is_remote(given) else str(Path(given).resolve())
+            out.append((kind, given, root))
+    return out
+
+
+def _members(kind: str, given: str, root: str) -> list[ObjectInfo]:
+    """The objects of one source, relative to ``root``: every object of a folder; a caption
+    file and the images its rows name (from one listing of its folder, not a request per image).
+
+    Raises:
+        ValueError: A local source does not exist, or a source lists no objects.
+    """
+    from m3i.shard.sources import caption_rows
+
+    if not is_remote(given) and not os.path.exists(given):
+        raise ValueError(f"{kind} source {given!r} does not exist")
+    store = open_store(root)
+    if kind != "captions":
+        found = list(store.list())
+    else:
+        name = given.rsplit("/", 1)[-1] if is_remote(given) else Path(given).name
+        with tempfile.TemporaryDirectory(prefix="m3i-captions-") as tmp:
+            local = Path(tmp) / name
+            if is_remote(given):
+                store.get_file(name, str(local))
+            else:
+                shutil.copyfile(given, local)
+            rows = caption_rows(local)
+        wanted = {name}
+        for _line, row, _err in rows:
+            image = (row or {}).get("image")
+            if isinstance(image, str) and image:
+                wanted.add(posixpath.normpath(image.replace("\\", "/")))
+        found = [o for o in store.list() if o.key in wanted]
+    if not found:
+        raise ValueError(f"{kind} source {given!r} lists no objects")
+    return found
+
+
+def list_sources(sources: dict[str, Sequence[str]]) -> list[str]:
+    """One line ``kind<TAB>given<TAB>key<TAB>size<TAB>etag`` per raw input object, sorted.
+
+    Reads listings (and caption files), never image bytes.
+
+    Raises:
+        ValueError: A named local source does not exist, or no source is given.
+    """
+    roots = _roots(sources)
+    if not roots:
+        raise ValueError(f"no raw inputs: give at least one of {list(SOURCE_KINDS)}")
+    rows = []
+    for kind, given, root in roots:
+        rows += [f"{kind}\t{given}\t{o.key}\t{o.size}\t{o.etag or ''}" for o in _members(kind, given, root)]
+    return sorted(rows)
+
+
+def verify_dataset(uri: str) -> tuple[bool, str]:
+    """Whether the data set at ``uri`` is complete: ``index.json`` and every shard it names, at its size."""
+    store = open_store(uri)
+    try:
+        index = store.read_json("index.json")
+    except Exception as e:  # noqa: BLE001 - missing or unreadable: either way it must be rebuilt
+        return False, f"no readable index.json ({type(e).__name__})"
+    have = {o.key: o.size for o in store.list()}
+    for split, sp in sorted(index.get("splits", {}).items()):
+        for s in sp["shards"]:
+            if s["key"] not in have:
+                return False, f"shard {s['key']} of split {split} is missing"
+            if have[s["key"]] != s["bytes"]:
+                return False, f"shard {s['key']} has {have[s['key']]} bytes; the index says {s['bytes']}"
+    return True, f"index and {sum(len(sp['shards']) for sp in index.get('splits', {}).values())} shards present"
+
+
+def plan_dataset(
+    sources: dict[str, Sequence[str]], storage_uri: str, *, preset: str = "", overrides: Sequence[str] = ()
+) -> dict[str, Any]:
+    """Where the shards of these inputs go, and the key the shard step is cached on.
+
+    The data set's place is content-addressed: ``<storage_uri>/datasets/<digest16>``, the
+    digest of the input listing and the shard settings. ``cache_key`` is the digest while
+    that data set is complete in storage; when it is missing or damaged (a cached KFP output
+    whose objects are gone) the key gets a fresh suffix, so the shard step runs again instead
+    of serving the stale cache entry.
+    """
+    cfg, _ = step_config(preset, [*overrides, *_source_overrides(sources)])
+    settings = {k: v for k, v in to_dict(cfg.shard).items() if k not in ("out", "workers", *SOURCE_KINDS)}
+    rows = list_sources(sources)
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for r in rows:
+        h.update(r.encode() + b"\n")
+    digest = h.hexdigest()
+    dataset_uri = join_uri(storage_uri, "datasets", digest[:16])
+    ok, why = verify_dataset(dataset_uri)
+    cache_key = digest if ok else f"{digest}-rebuild-{time.time_ns()}"
+    return {
+        "dataset_uri": dataset_uri,
+        "listing_sha256": digest,
+        "cache_key": cache_key,
+        "inputs": len(rows),
+        "input_bytes": sum(int(r.split("\t")[3]) for r in rows),
+        "complete": ok,
+        "reason": why,
+    }
+
+
+def stage_sources(sources: dict[str, Sequence[str]], scratch: str | os.PathLike) -> dict[str, list[str]]:
+    """Local copies of ``s3://`` sources under ``scratch``; local sources pass through unchanged.
+
+    ``m3i shard`` reads files; a step on a cluster gets its raw images from object storage.
+    A caption file is copied with the images its rows name.
+    """
+    out: dict[str, list[str]] = {k: [] for k in SOURCE_KINDS}
+    for i, (kind, given, root) in enumerate(_roots(sources)):
+        if not is_remote(given):
+            out[kind].append(given)
+            continue
+        dest = Path(scratch) / f"{i:03d}-{kind}"
+        store = open_store(root)
+        members = _members(kind, given, root)
+        for info in members:
+            target = dest / info.key
+            target.parent.mkdir(parents=True, exist_ok=True)
+            store.get_file(info.key, str(target))
+        log.info("staged %d objects of %s into %s", len(members), given, dest)
+        out[kind].append(str(dest / given.rsplit("/", 1)[1]) if kind == "captions" else str(dest))
+    return out
+
+
+def shard_dataset(
+    sources: dict[str, Sequence[str]], dataset_uri: str, *, preset: str = "", overrides: Sequence[str] = ()
+) -> dict[str, Any]:
+    """Shard the raw inputs into ``dataset_uri``; idempotent (a complete data set is reused unit by unit)."""
+    from m3i.shard import shard
+
+    with tempfile.TemporaryDirectory(prefix="m3i-stage-") as scratch:
+        local = stage_sources(sources, scratch)
+        cfg, _ = step_config(preset, [*overrides, *_source_overrides(local), f"shard.out={dataset_uri}"])
+        index = shard(cfg.shard, progress=False)
+    raw = index.raw
+    store = open_store(dataset_uri)
+    return {
+        "uri": dataset_uri,
+        "index": join_uri(dataset_uri, "index.json"),
+        "index_sha256": store.sha256("index.json"),
+        "inputs_sha256": raw["inputs_sha256"],
+        "classes": list(index.classes),
+        "samples": raw["totals"]["samples"],
+        "splits": {k: {"samples": v["samples"], "shards": len(v["shards"])} for k, v in raw["splits"].items()},
+        "sources": raw["totals"]["sources"],
+        "bad_inputs": raw["bad"]["count"],
+    }
+
+
+def train_model(
+    dataset_uri: str,
+    output_uri: str,
+    *,
+    launcher: str = "inline",
+    nodes: int = 1,
+    gpus_per_node: int = 0,
+    zero_stage: int = -1,
+    precision: str = "",
+    backbone: str = "",
+    steps: int = 0,
+    run_id: str = "",
+    node_selector: dict[str, str] | None = None,
+    tolerations: Sequence[dict[str, Any] | str] = (),
+    preset: str = "",
+    overrides: Sequence[str] = (),
+    log_to: TextIO | None = None,
+    poll_s: float = 15.0,
+    timeout_s: float | None = None,
+) -> dict[str, Any]:
+    """Train on ``dataset_uri`` into ``output_uri`` and return the run's summary.
+
+    ``launcher``: ``inline`` runs ``nodes == 1`` torchrun agent in this process's machine
+    (the step's pod on a cluster; 2 CPU processes in a local run) through torchx;
+    ``volcano`` / ``pytorchjob`` create that Kubernetes job, stream its logs, wait for it
+    and delete it. ``0`` / ``-1`` / ``""`` values keep the preset's. A re-run with the same
+    ``output_uri`` resumes from its latest complete checkpoint.
+
+    Raises:
+        ValueError: An unknown launcher, or ``inline`` with more than one node.
+        RuntimeError: The training job did not succeed.
+    """
+    from m3i.launch import launch
+    from m3i.launch.watch import run_cluster_job
+
+    if launcher not in LAUNCHERS:
+        raise ValueError(f"launcher={launcher!r} is not one of {list(LAUNCHERS)}")
+    if nodes < 1:
+        raise ValueError(f"nodes={nodes} must be at least 1")
+    if launcher == "inline" and nodes != 1:
+        raise ValueError(f"launcher='inline' trains on the step's own machine; nodes={nodes} needs launcher volcano or pytorchjob")
+    if gpus_per_node < 0:
+        raise ValueError(f"gpus_per_node={gpus_per_node} must be >= 0")
+    train_set = [f"data.shards={dataset_uri}", f"train.output={output_uri}"]
+    if run_id:
+        train_set.append(f"train.run_id={run_id}")
+    if zero_stage >= 0:
+        train_set.append(f"train.zero_stage={zero_stage}")
+    if precision:
+        train_set.append(f"train.precision={precision}")
+    if backbone:
+        train_set.append(f"model.backbone={backbone}")
+    if steps > 0:
+        train_set.append(f"train.steps={steps}")
+    if launcher != "inline" and node_selector:
+        train_set.append(f"launch.node_selector={json.dumps(dict(node_selector))}")
+    if launcher != "inline" and tolerations:
+        train_set.append(f"launch.tolerations={json.dumps([_toleration_spec(t) for t in tolerations])}")
+    cfg, full = step_config(preset, [*overrides, *train_set])
+    nproc = gpus_per_node or cfg.launch.nproc_per_node
+    lcfg = dataclasses.replace(
+        cfg.launch,
+        scheduler="local_cwd" if launcher == "inline" else "kubernetes",
+        kind=cfg.launch.kind if launcher == "inline" else launcher,
+        nodes=nodes,
+        nproc_per_node=nproc,
+        gpus_per_node=gpus_per_node,
+    )
+    # The job's pods see neither this step's config file nor its environment: everything rides as --set.
+    train_args = ["--no-progress", *(["--preset", preset] if preset else [])]
+    for o in full:
+        train_args += ["--set", o]
+    t0 = time.monotonic()
+    if launcher == "inline":
+        result = launch(lcfg, train_args, log=log_to)
+    else:
+        result = run_cluster_job(lcfg, train_args, log_to=log_to, poll_s=poll_s, timeout_s=timeout_s)
+    if not result.ok:
+        raise RuntimeError(f"training {result.state} ({launcher} {result.handle}); its log is above")
+    summary = open_store(output_uri).read_json("summary.json")
+    return {
+        "uri": output_uri,
+        "checkpoint": summary["checkpoint"],
+        "steps": summary["steps"],
+        "samples": summary["samples"],
+        "skipped_steps": summary["skipped_steps"],
+        "world_size": summary["world_size"],
+        "seconds": round(time.monotonic() - t0, 1),
+        "train_seconds": summary["seconds"],
+        "last_parts": summary["last_parts"],
+        "launcher": launcher,
+        "job": result.handle,
+        "nodes": nodes,
+        "nproc_per_node": nproc,
+        "gpus_per_node": gpus_per_node,
+    }
+
+
+def export_model(
+    checkpoint: str, models_uri: str, *, name: str = "", preset: str = "", overrides: Sequence[str] = ()
+) -> dict[str, Any]:
+    """Export ``checkpoint`` (a run output or one checkpoint) as timm weights under ``models_uri``."""
+    from m3i.export import export
+
+    sets = [f"export.checkpoint={checkpoint}", f"export.out={models_uri}", *([f"export.name={name}"] if name else [])]
+    cfg, _ = step_config(preset, [*overrides, *sets])
+    r = export(cfg)
+    out = dataclasses.asdict(r)
+    out["sha256"] = open_store(r.uri).sha256("model.safetensors")
+    return out
+
+
+def evaluate_model(
+    model_uri: str,
+    dataset_uri: str,
+    out_uri: str,
+    *,
+    k: int = 0,
+    probe_epochs: int = 0,
+    finetune_steps: int = -1,
+    preset: str = "",
+    overrides: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Score an exported model on the held-out split of ``dataset_uri``; results under ``out_uri``.
+
+    ``k`` (kNN neighbours), ``probe_epochs`` and ``finetune_steps`` override the preset's
+    ``evaluate`` section unless 0, 0 and -1.
+
+    Returns:
+        ``metrics`` (metrics.json), ``scalars`` (flat, for KFP Metrics), ``confusion``
+        (``categories`` + ``matrix``), ``report`` (Markdown text) and ``files`` (URIs).
+    """
+    from m3i.evaluate import evaluate
+
+    sets = [f"evaluate.model={model_uri}", f"data.shards={dataset_uri}", f"evaluate.out={out_uri}"]
+    sets += [f"evaluate.k={k}"] if k > 0 else []
+    sets += [f"evaluate.probe_epochs={probe_epochs}"] if probe_epochs > 0 else []
+    sets += [f"evaluate.finetune_steps={finetune_steps}"] if finetune_steps >= 0 else []
+    cfg, _ = step_config(preset, [*overrides, *sets])
+    r = evaluate(cfg)
+    store = open_store(out_uri)
+    return {
+        "metrics": r.metrics,
+        "scalars": store.read_json("kfp_metrics.json"),
+        "confusion": store.read_json("confusion_matrix.json"),
+        "report": store.get_bytes("report.md").decode("utf-8"),
+        "files": dict(r.files),
+        "pushed": r.pushed,
+    }
