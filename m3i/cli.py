@@ -322,6 +322,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (StorageError, RuntimeError, OSError, LookupError) as e:
         print(f"m3i {args.command}: failed: {e}", file=sys.stderr)
         return 1
+    except Exception as e:
+        remote = _remote_error(e)
+        if remote is None:
+            raise
+        print(f"m3i {args.command}: failed: {remote}", file=sys.stderr)
+        return 1
+
+
+def _remote_error(e: Exception) -> str | None:
+    """One line for an error of a remote API client (KFP, Kubernetes, urllib3), else ``None``.
+
+    Their exceptions carry the whole HTTP response; the status and reason say enough, and
+    response bodies and headers stay out of the terminal.
+    """
+    module = type(e).__module__ or ""
+    if not module.startswith(("kfp_server_api", "kubernetes", "urllib3")):
+        return None
+    status, reason = getattr(e, "status", None), getattr(e, "reason", None)
+    if status is not None:
+        return f"{type(e).__name__}: HTTP {status} {reason or ''}".rstrip()
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}"
 
 
 if __name__ == "__main__":

@@ -98,7 +98,7 @@ class ClusterJob:
         self.namespace = job["metadata"]["namespace"]
         self.name = job["metadata"]["name"]
         self.custom, self.core = apis or _load_apis()
-        self._followed: set[str] = set()
+        self._followed: set[str] = set()  # pod uids: a pod recreated under its old name is a new pod
         self._threads: list[threading.Thread] = []
 
     @property
@@ -128,14 +128,19 @@ class ClusterJob:
         return list(self.core.list_namespaced_pod(namespace=self.namespace, label_selector=sel).items)
 
     def follow_logs(self, out: TextIO, max_pods: int = 8) -> None:
-        """Start a log-following thread for each running pod not followed yet (at most ``max_pods``)."""
+        """Start a log-following thread for each started pod not followed yet, at most ``max_pods`` at once.
+
+        Pods are told apart by uid: after a restart the operators recreate pods under the
+        same names, and the new attempt's output (its traceback, say) must be streamed too.
+        """
         for pod in sorted(self.pods(), key=lambda p: p.metadata.name):
             name = pod.metadata.name
-            if name in self._followed or len(self._followed) >= max_pods:
+            uid = getattr(pod.metadata, "uid", None) or name
+            if uid in self._followed or sum(t.is_alive() for t in self._threads) >= max_pods:
                 continue
             if pod.status.phase not in ("Running", "Succeeded", "Failed"):
                 continue
-            self._followed.add(name)
+            self._followed.add(uid)
             t = threading.Thread(target=self._stream, args=(name, out), daemon=True, name=f"log-{name}")
             t.start()
             self._threads.append(t)
@@ -185,6 +190,7 @@ def run_cluster_job(
     poll_s: float = 15.0,
     timeout_s: float | None = None,
     keep: bool = False,
+    max_api_errors: int = 5,
     apis: tuple[Any, Any] | None = None,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
@@ -199,6 +205,7 @@ def run_cluster_job(
         poll_s: Seconds between status reads.
         timeout_s: Give up (and delete the job) after this many seconds; ``None`` waits forever.
         keep: Leave the finished job in place (for debugging) instead of deleting it.
+        max_api_errors: Consecutive failed status reads tolerated (one per poll) before giving up.
         apis: ``(CustomObjectsApi, CoreV1Api)``; the current kube context's by default.
         clock, sleep: Time sources (tests).
         **app_kw: ``module`` / ``subcommand`` of what torchrun runs.
@@ -217,20 +224,32 @@ def run_cluster_job(
         raise _Stop(f"signal {signum}")
 
     old = signal.signal(signal.SIGTERM, on_term) if threading.current_thread() is threading.main_thread() else None
-    job.create()
-    out.write(f"submitted {cfg.kind} {job.handle} ({cfg.nodes} x {cfg.nproc_per_node} processes)\n")
-    out.flush()
-    state, last = "PENDING", ""
+    state, last, created, errors = "PENDING", "", False, 0
     t0 = clock()
     try:
+        job.create()
+        created = True
+        out.write(f"submitted {cfg.kind} {job.handle} ({cfg.nodes} x {cfg.nproc_per_node} processes)\n")
+        out.flush()
         while True:
-            state, detail = job.state()
+            try:
+                state, detail = job.state()
+                if state != "PENDING":
+                    job.follow_logs(out)
+                errors = 0
+            except (_Stop, KeyboardInterrupt):
+                raise
+            except Exception as e:  # noqa: BLE001 - one API hiccup must not end a days-long job
+                errors += 1
+                if errors > max_api_errors:
+                    raise
+                out.write(f"{job.handle}: status read failed ({errors}/{max_api_errors}): {e}\n")
+                sleep(poll_s)
+                continue
             if detail != last:
                 out.write(f"{job.handle}: {state} {detail}\n")
                 out.flush()
                 last = detail
-            if state != "PENDING":
-                job.follow_logs(out)
             if state in TERMINAL:
                 break
             if timeout_s is not None and clock() - t0 > timeout_s:
@@ -245,12 +264,14 @@ def run_cluster_job(
     finally:
         if old is not None:
             signal.signal(signal.SIGTERM, old)
-        if not keep or state not in TERMINAL:
+        if state in TERMINAL:
+            job.join_logs()  # a finished pod's stream ends by itself: let it drain before the pods go
+        if created and (not keep or state not in TERMINAL):
             try:
                 job.delete()
                 out.write(f"{job.handle}: deleted\n")
             except Exception as e:  # noqa: BLE001 - report, but keep the job's own result
                 out.write(f"{job.handle}: delete failed: {e}\n")
-        job.join_logs()
+        job.join_logs(timeout=2.0)
         out.flush()
     return LaunchResult(cfg.scheduler, state, handle=job.handle)

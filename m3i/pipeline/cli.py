@@ -40,8 +40,7 @@ def cmd_upload(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from m3i.pipeline.kfp_client import check_params, connect, parse_params, parse_params_json, start_run
 
-    params = {**parse_params_json(args.params), **parse_params(args.param)}
-    check_params(params)
+    params = check_params({**parse_params_json(args.params), **parse_params(args.param)})
     r = start_run(connect(), params, experiment=args.experiment, run_name=args.run_name, service_account=args.service_account)
     print(f"started run {r['run_id']} of m3i-pretrain {r['version']} in experiment {args.experiment}")
     return 0
@@ -50,8 +49,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_schedule(args: argparse.Namespace) -> int:
     from m3i.pipeline.kfp_client import check_params, connect, parse_params, parse_params_json, schedule
 
-    params = {**parse_params_json(args.params), **parse_params(args.param)}
-    check_params(params)
+    params = check_params({**parse_params_json(args.params), **parse_params(args.param)})
     r = schedule(
         connect(), args.cron, name=args.name, experiment=args.experiment, params=params,
         service_account=args.service_account, max_concurrency=args.max_concurrency,

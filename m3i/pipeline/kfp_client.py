@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import yaml
+
 from m3i import __version__
 from m3i.pipeline import PIPELINE_NAME
 from m3i.pipeline.build import packaged_pipeline, pipeline_sha256, version_name
@@ -149,11 +151,13 @@ def start_run(
 
 
 def normalize_cron(expr: str) -> str:
-    """KFP's 6-field cron (seconds first); a 5-field crontab line gets ``0`` seconds.
+    """KFP's 6-field cron (seconds first); a 5-field crontab line gets ``0`` seconds; ``@daily``-style descriptors pass.
 
     Raises:
         ValueError: Not 5 or 6 space-separated fields.
     """
+    if expr.strip().startswith("@"):  # @hourly, @daily, @weekly, @every 1h: KFP's cron takes them as they are
+        return expr.strip()
     fields = expr.split()
     if len(fields) == 5:
         fields = ["0", *fields]
@@ -177,8 +181,8 @@ def schedule(
 
     The recurring run references the pipeline without a version id, which KFP (2.5+)
     resolves to the latest version at each trigger; so uploading a new version is all a
-    release needs. KFP cannot update a recurring run in place: one with the same name in
-    the experiment is deleted first.
+    release needs. KFP cannot update a recurring run in place: the new one is created, then
+    any older one of the same name in the experiment is deleted.
     """
     import kfp_server_api
 
@@ -190,10 +194,7 @@ def schedule(
         raise LookupError(f"KFP has no pipeline {PIPELINE_NAME!r}; run `m3i pipeline upload` first")
     exp = _experiment_id(client, experiment)
     old = client.list_recurring_runs(experiment_id=exp, page_size=100, filter=_name_filter("display_name", name))
-    replaced = []
-    for rr in getattr(old, "recurring_runs", None) or []:
-        client.delete_recurring_run(rr.recurring_run_id)
-        replaced.append(rr.recurring_run_id)
+    previous = [rr.recurring_run_id for rr in getattr(old, "recurring_runs", None) or []]
     body = kfp_server_api.V2beta1RecurringRun(
         display_name=name,
         description=f"Scheduled {PIPELINE_NAME}; always the latest pipeline version",
@@ -206,14 +207,16 @@ def schedule(
         no_catchup=True,
         service_account=service_account,
     )
+    # Create before deleting: a refused create (bad cron, unknown service account) keeps the old schedule.
     created = client.recurring_runs.recurring_run_service_create_recurring_run(recurring_run=body)
+    for rid in previous:
+        client.delete_recurring_run(rid)
+    replaced = previous
     return {"recurring_run_id": created.recurring_run_id, "pipeline_id": pipeline_id, "experiment_id": exp, "cron": cron6, "replaced": replaced}
 
 
 def pipeline_parameters(package: str | os.PathLike | None = None) -> dict[str, Any]:
     """Parameter name -> default of the compiled pipeline (``None`` for one without a default)."""
-    import yaml
-
     doc = next(yaml.safe_load_all(Path(package or packaged_pipeline()).read_text()))  # then the platform spec
     params = doc["root"]["inputDefinitions"]["parameters"]
     out = {}
@@ -223,12 +226,43 @@ def pipeline_parameters(package: str | os.PathLike | None = None) -> dict[str, A
     return out
 
 
-def check_params(params: Mapping[str, Any], package: str | os.PathLike | None = None) -> None:
-    """Raise ``ValueError`` naming any argument the pipeline has no parameter for."""
-    known = pipeline_parameters(package)
-    unknown = sorted(set(params) - set(known))
+_TYPES: dict[str, tuple[type, ...]] = {
+    "STRING": (str,),
+    "NUMBER_INTEGER": (int,),
+    "NUMBER_DOUBLE": (int, float),
+    "BOOLEAN": (bool,),
+    "LIST": (list,),
+    "STRUCT": (dict,),
+}
+
+
+def check_params(params: Mapping[str, Any], package: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The arguments typed as the pipeline declares them.
+
+    A string given for a non-string parameter (``--param steps=10``) is read as JSON; a
+    string parameter keeps its text as it is (``--param run_name=2024`` stays ``"2024"``).
+
+    Raises:
+        ValueError: An argument the pipeline has no parameter for, or one of the wrong type.
+    """
+    doc = next(yaml.safe_load_all(Path(package or packaged_pipeline()).read_text()))
+    specs = {k: v["parameterType"] for k, v in doc["root"]["inputDefinitions"]["parameters"].items()}
+    unknown = sorted(set(params) - set(specs))
     if unknown:
-        raise ValueError(f"pipeline {PIPELINE_NAME} has no parameter {unknown}; its parameters are {sorted(known)}")
+        raise ValueError(f"pipeline {PIPELINE_NAME} has no parameter {unknown}; its parameters are {sorted(specs)}")
+    out = {}
+    for name, value in params.items():
+        kind = specs[name]
+        if isinstance(value, str) and kind != "STRING":
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise ValueError(f"pipeline parameter {name}={value!r} is not a {kind.lower()} (give JSON)") from None
+        ok = _TYPES.get(kind, (object,))
+        if not isinstance(value, ok) or (isinstance(value, bool) and kind in ("NUMBER_INTEGER", "NUMBER_DOUBLE")):
+            raise ValueError(f"pipeline parameter {name}={value!r} must be {kind.lower()}; got {type(value).__name__}")
+        out[name] = value
+    return out
 
 
 def parse_params_json(text: str | None) -> dict[str, Any]:
@@ -248,19 +282,16 @@ def parse_params_json(text: str | None) -> dict[str, Any]:
     return doc
 
 
-def parse_params(items: list[str] | None) -> dict[str, Any]:
-    """``key=value`` pairs -> pipeline arguments; a value that parses as JSON is taken as JSON.
+def parse_params(items: list[str] | None) -> dict[str, str]:
+    """``key=value`` pairs -> ``{key: "value"}``, the text kept; :func:`check_params` types them.
 
     Raises:
-        ValueError: An item without ``=``.
+        ValueError: An item without ``=`` or without a key.
     """
-    out: dict[str, Any] = {}
+    out: dict[str, str] = {}
     for item in items or []:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ValueError(f"--param {item!r} must be key=value")
-        try:
-            out[key] = json.loads(raw)
-        except ValueError:
-            out[key] = raw
+        out[key] = raw
     return out
