@@ -26,8 +26,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --no-deps $(TORCHX)
 	touch $@
 
+# The main job: the Kubeflow pipeline m3i-pretrain on this machine (kfp.local) on the demo data.
 demo: install
-	$(BIN)/m3i demo
+	$(BIN)/m3i pipeline run-local
 
 # Prometheus and its Pushgateway (Debian packages) for the metrics tests.
 services:

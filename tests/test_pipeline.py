@@ -375,3 +375,16 @@ def test_run_local_end_to_end(tmp_path):
     assert r.storage == str(tmp_path / "w" / "store")
     assert not (tmp_path / "w" / "tmp").exists()  # kfp.local's temp folders are cleaned
     json.dumps(r.manifests)  # manifests are plain JSON
+
+
+def test_pyproject_lists_every_package():
+    """Packages are listed (components/ installs as m3i_components): a new sub-package must be added."""
+    import tomllib
+
+    from setuptools import find_packages
+
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert cfg["package-dir"] == {"m3i_components": "components"}
+    found = set(find_packages(str(ROOT), include=["m3i", "m3i.*"])) | {"m3i_components"}
+    assert set(cfg["packages"]) == found
+    assert (ROOT / "components" / "__init__.py").exists()
