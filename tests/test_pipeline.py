@@ -161,7 +161,11 @@ def test_kubernetes_platform_spec(compiled):
     assert inline["nodeSelector"] == {"nodeSelectorJson": {"componentInputParameter": "pipelinechannel--gpu_node_selector"}}
     assert inline["tolerations"] == [{"tolerationJson": {"componentInputParameter": "pipelinechannel--gpu_tolerations"}}]
     assert inline["emptyDirMounts"] == [{"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "64Gi", "volumeName": "dshm"}]
-    assert inline["podMetadata"]["labels"] == {"app.kubernetes.io/part-of": "m3i", "app.kubernetes.io/component": "train"}
+    assert inline["podMetadata"]["labels"] == {
+        "app.kubernetes.io/part-of": "m3i",
+        "app.kubernetes.io/component": "train",
+        "m3i.io/launcher": "inline",
+    }
     assert "nodeSelector" not in ex["exec-train-2"] and "tolerations" not in ex["exec-train-2"]
     for name, e in ex.items():
         assert int(e["activeDeadlineSeconds"]) > 0, name

@@ -581,3 +581,25 @@ def test_default_apis_come_from_the_kube_config(monkeypatch):
     assert calls == ["incluster", "kubeconfig"]
     assert isinstance(cj.custom, client.CustomObjectsApi) and isinstance(cj.core, client.CoreV1Api)
     assert cj.handle == f"m3i:{cj.name}"
+
+
+def test_launch_cli_wait_follows_the_job(monkeypatch, capsys):
+    """`m3i launch --scheduler kubernetes --wait` goes through run_cluster_job and exits with its result."""
+    import m3i.launch.watch as watch
+    from m3i.cli import main
+    from m3i.launch import LaunchResult
+
+    seen = {}
+
+    def fake(cfg, train_args, **kw):
+        seen.update(cfg=cfg, args=train_args, kw=kw)
+        return LaunchResult("kubernetes", "FAILED", handle="m3i:j-1")
+
+    monkeypatch.setattr(watch, "run_cluster_job", fake)
+    code = main(["launch", "--scheduler", "kubernetes", "--kind", "pytorchjob", "--nodes", "2", "--wait", "--timeout", "60",
+                 "--", "--preset", "demo"])
+    assert code == 1 and "FAILED: m3i:j-1" in capsys.readouterr().out
+    assert seen["cfg"].kind == "pytorchjob" and seen["cfg"].nodes == 2
+    assert seen["args"] == ["--preset", "demo"] and seen["kw"] == {"timeout_s": 60.0}
+    assert main(["launch", "--wait"]) == 2  # local_cwd already waits
+    assert "--wait follows a Kubernetes job" in capsys.readouterr().err
