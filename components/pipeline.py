@@ -170,7 +170,7 @@ def m3i_pretrain(
         kubernetes.empty_dir_mount(inline, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=SHM_SIZE)
         _cluster_settings(inline, TRAIN_TIMEOUT_S, component="train")
         # Its ranks serve metrics on 9400+ without named container ports (KFP declares none):
-        # the PodMonitor m3i-train-inline of manifests/ and helm/ scrapes it by port number.
+        # the PodMonitor m3i-train-inline of manifests/ and helm/ scrapes it by relabelled pod IP:port.
         kubernetes.add_pod_label(inline, "m3i.io/launcher", "inline")
     with dsl.Else(name="train-as-job"):
         job = train(launcher=launcher, **train_args)

@@ -27,6 +27,7 @@ from m3i.launch.pod import POD_LABELS
 from m3i.metrics import METRIC_NAMES, build_metrics
 from tests.k8s_schema import assert_valid, validate_core
 from tests.k8s_tools import ROOT, checkov_failures, tool, tool_env
+from tests.podmonitor import POD_IP, inline_train_pod, scrape_addresses, selects
 from tests.prometheus import require_binary
 
 CHART = ROOT / "helm" / "m3i"
@@ -222,6 +223,7 @@ def test_defaults_render_no_credentials():
         (("--set", "launch.nprocPerNode=9"), "/launch/nprocPerNode"),
         (("--set", "launch.tolerations[0]=gpu:Sometimes"), "/launch/tolerations/0"),
         (("--set", "image.tag=latest"), "/image/tag"),
+        (("--set", "monitoring.inlineNamespaces={Kubeflow_User}"), "/monitoring/inlineNamespaces/0"),
         (("--set", "storage.generateSecret=true", "--set", "storage.external.endpoint=https://s3.example.com"),
          "storage.generateSecret only works with the bundled MinIO"),
     ],
@@ -389,7 +391,15 @@ def test_training_namespace_can_differ(tmp_path):
     assert where[("ServiceAccount", "m3i-train")] == "m3i-train"
     assert where[("Role", f"{RELEASE}-pipeline")] == where[("RoleBinding", f"{RELEASE}-pipeline")] == "m3i-train"
     assert where[("ServiceAccount", "m3i-pipeline")] == NAMESPACE  # bound across namespaces
-    assert only(objs, "PodMonitor")["spec"]["namespaceSelector"] == {"matchNames": ["m3i-train"]}
+    assert only(objs, "PodMonitor", f"{RELEASE}-train")["spec"]["namespaceSelector"] == {"matchNames": ["m3i-train"]}
+    # The in-pod train step runs with the pipeline, not in launch.namespace.
+    assert only(objs, "PodMonitor", f"{RELEASE}-train-inline")["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    inline = only(objs, "NetworkPolicy", f"{RELEASE}-train-inline")
+    assert inline["metadata"]["namespace"] == NAMESPACE
+    assert selects(inline["spec"]["podSelector"], inline_train_pod()["metadata"]["labels"])
+    (rule,) = inline["spec"]["ingress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": 9400, "endPort": 9407}]
+    assert rule["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
     assert load_config(None, launch_config_file(objs, tmp_path), []).launch.namespace == "m3i-train"
     assert all(c["image"] == "ghcr.io/m3i-project/m3i@sha256:" + "a" * 64
                for o in objs if o["kind"] in ("Job", "Pod") for c in containers(o))
@@ -433,7 +443,8 @@ def test_podmonitor_and_policies_match_the_training_pods(kind, tmp_path):
         templates = [t["template"] for t in job["spec"]["tasks"]]
     else:
         templates = [r["template"] for r in job["spec"]["pytorchReplicaSpecs"].values()]
-    monitor = only(objs, "PodMonitor")
+    monitor = only(objs, "PodMonitor", f"{RELEASE}-train")
+    inline = only(objs, "PodMonitor", f"{RELEASE}-train-inline")
     assert monitor["spec"]["namespaceSelector"] == {"matchNames": [cfg.namespace]}
     selector = monitor["spec"]["selector"]["matchLabels"]
     assert selector == POD_LABELS
@@ -453,6 +464,9 @@ def test_podmonitor_and_policies_match_the_training_pods(kind, tmp_path):
         metrics = {n: p for n, p in ports.items() if n.startswith("metrics")}
         assert sorted(metrics) == sorted(monitored), f"pod ports {sorted(metrics)} vs PodMonitor {monitored}"
         assert all(scrape_ports["port"] <= p <= scrape_ports["endPort"] for p in metrics.values())
+        # Every rank once, by the -train PodMonitor only.
+        assert scrape_addresses(monitor, tpl) == sorted(f"{POD_IP}:{p}" for p in metrics.values())
+        assert scrape_addresses(inline, tpl) == []
         assert cfg.rdzv_port in ports.values()  # reachable: training pods allow each other all TCP
         refs = {e["valueFrom"]["secretKeyRef"]["name"] for e in c["env"] if "valueFrom" in e}
         assert refs == {ci_values("all-on")["storage"].get("existingSecret", "m3i-s3")}
@@ -469,8 +483,40 @@ def test_servicemonitor_scrapes_the_pushgateway_with_honor_labels():
     svc = only(objs, "Service", f"{RELEASE}-pushgateway")
     assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
     assert ep["port"] in {p["name"] for p in svc["spec"]["ports"]}
-    for obj in (sm, only(objs, "PodMonitor"), only(objs, "PrometheusRule")):
+    for obj in (sm, *(o for o in objs if o["kind"] == "PodMonitor"), only(objs, "PrometheusRule")):
         assert obj["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+
+
+@pytest.mark.parametrize(
+    "values, namespaces, base_port",
+    [
+        (("--set", "monitoring.enabled=true"), [NAMESPACE], 9400),
+        (ALL_ON, ci_values("all-on")["monitoring"]["inlineNamespaces"], 9400),
+        (("--set", "monitoring.enabled=true,launch.metricsPort=9500"), [NAMESPACE], 9500),
+    ],
+)
+def test_inline_podmonitor_scrapes_the_in_pod_train_step(values, namespaces, base_port):
+    """The compiled pipeline's in-pod train step: scraped on every rank port by -train-inline
+    alone, in monitoring.inlineNamespaces, and admitted by -train when it runs here."""
+    objs = objects(*values)
+    pod = inline_train_pod()
+    labels = pod["metadata"]["labels"]
+    assert labels["m3i.io/launcher"] == "inline"
+    inline = only(objs, "PodMonitor", f"{RELEASE}-train-inline")
+    main = only(objs, "PodMonitor", f"{RELEASE}-train")
+    selected = ("app.kubernetes.io/part-of", "m3i.io/launcher")
+    assert inline["spec"]["selector"] == {"matchLabels": {k: labels[k] for k in selected}}
+    assert inline["spec"]["namespaceSelector"] == {"matchNames": namespaces}
+    assert scrape_addresses(inline, pod) == [f"{POD_IP}:{base_port + r}" for r in range(8)]
+    assert scrape_addresses(main, pod) == []
+    assert {"key": "m3i.io/launcher", "operator": "DoesNotExist"} in main["spec"]["selector"]["matchExpressions"]
+    timing = {(ep["interval"], ep["scrapeTimeout"]) for ep in main["spec"]["podMetricsEndpoints"]}
+    for ep in inline["spec"]["podMetricsEndpoints"]:
+        assert ep["path"] == "/metrics" and {(ep["interval"], ep["scrapeTimeout"])} == timing
+        assert not {"port", "portNumber", "targetPort"} & set(ep), "KFP declares no ports: a port filter keeps no target"
+    train = only(objs, "NetworkPolicy", f"{RELEASE}-train")["spec"]
+    assert selects(train["podSelector"], labels)
+    assert train["ingress"][1]["ports"] == [{"protocol": "TCP", "port": base_port, "endPort": base_port + 7}]
 
 
 def test_rules_pass_promtool(tmp_path):

@@ -21,6 +21,7 @@ from m3i.launch import render
 from m3i.launch.pod import POD_LABELS
 from tests.k8s_schema import assert_valid, validate_core
 from tests.k8s_tools import ROOT, checkov_failures
+from tests.podmonitor import POD_IP, inline_train_pod, scrape_addresses, selects
 
 MANIFESTS = ROOT / "manifests"
 KUBECTL = "/usr/bin/kubectl"
@@ -34,6 +35,7 @@ CRDS = {
 CORE_GROUPS = {"", "apps", "batch", "networking.k8s.io", "rbac.authorization.k8s.io", "scheduling.k8s.io", "policy"}
 CLUSTER_SCOPED = {"Namespace", "PriorityClass"}
 STANDARD_LABELS = ("name", "part-of", "component", "version", "managed-by")
+METRICS_PORTS = range(9400, 9408)  # launch.metrics_port + local rank, up to 8 ranks a pod
 MINIO_OBJECTS = {
     ("Deployment", "m3i-minio"),
     ("Service", "m3i-minio"),
@@ -373,8 +375,8 @@ def test_external_s3_component_composes_with_prod(tmp_path):
 
 def test_apiserver_egress_is_patched_per_overlay(rendered):
     spec = policies(rendered["prod"])["m3i-pipeline-apiserver"]
-    assert spec["podSelector"]["matchLabels"] == {"app.kubernetes.io/part-of": "m3i",
-                                                  "app.kubernetes.io/component": "pipeline"}
+    # Every pod of a KFP run: Argo's wait container in each step (inline trainer included) talks to the API.
+    assert spec["podSelector"] == {"matchExpressions": [{"key": "workflows.argoproj.io/workflow", "operator": "Exists"}]}
     assert spec["policyTypes"] == ["Egress"]
     (rule,) = spec["egress"]
     assert [set(p) for p in rule["to"]] == [{"ipBlock"}] * len(rule["to"])
@@ -402,7 +404,8 @@ def test_monitors_and_policies_fit_the_rendered_training_pods(rendered, prod_lau
     assert len(templates) == 2  # two Volcano tasks, or a Master and a Worker
 
     objs = rendered["prod"]
-    (pm,) = of_kind(objs, "PodMonitor")
+    pm = one(objs, "PodMonitor", "m3i-train")
+    inline = one(objs, "PodMonitor", "m3i-train-inline")
     selector = pm["spec"]["selector"]["matchLabels"]
     assert selector == POD_LABELS
     scraped = {e["port"] for e in pm["spec"]["podMetricsEndpoints"]}
@@ -420,6 +423,9 @@ def test_monitors_and_policies_fit_the_rendered_training_pods(rendered, prod_lau
         assert len(metric_ports) == cfg.nproc_per_node == 8
         assert set(metric_ports) <= scraped
         assert all(metrics_port["port"] <= p <= metrics_port["endPort"] for p in metric_ports.values())
+        # Every rank once, by m3i-train only.
+        assert scrape_addresses(pm, tpl) == sorted(f"{POD_IP}:{p}" for p in metric_ports.values())
+        assert scrape_addresses(inline, tpl) == []
         # The training pods land in this namespace, so they must pass its "restricted" admission.
         check_restricted_container(f"{kind} pod", c, tpl["spec"]["securityContext"])
         assert tpl["spec"]["serviceAccountName"] == "m3i-train"
@@ -428,6 +434,50 @@ def test_monitors_and_policies_fit_the_rendered_training_pods(rendered, prod_lau
         assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in tpl["spec"]["tolerations"]
         refs = {e["valueFrom"]["secretKeyRef"]["name"] for e in c["env"] if "secretKeyRef" in e.get("valueFrom", {})}
         assert refs == {"m3i-s3"}
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_inline_podmonitor_scrapes_the_in_pod_train_step(rendered, target):
+    """The compiled pipeline's in-pod train step: scraped on every rank port by m3i-train-inline
+    alone, and admitted by the metrics policy when it runs in m3i."""
+    objs = rendered[target]
+    pod = inline_train_pod()
+    labels = pod["metadata"]["labels"]
+    assert labels["m3i.io/launcher"] == "inline"
+    inline = one(objs, "PodMonitor", "m3i-train-inline")
+    main = one(objs, "PodMonitor", "m3i-train")
+    selected = ("app.kubernetes.io/part-of", "m3i.io/launcher")
+    assert inline["spec"]["selector"] == {"matchLabels": {k: labels[k] for k in selected}}
+    assert "namespaceSelector" not in inline["spec"]  # its own namespace unless patched (docs/manifests.md)
+    assert scrape_addresses(inline, pod) == [f"{POD_IP}:{p}" for p in METRICS_PORTS]
+    assert scrape_addresses(main, pod) == []
+    assert {"key": "m3i.io/launcher", "operator": "DoesNotExist"} in main["spec"]["selector"]["matchExpressions"]
+    for ep in inline["spec"]["podMetricsEndpoints"]:
+        assert ep["path"] == "/metrics" and ep["interval"] == main["spec"]["podMetricsEndpoints"][0]["interval"]
+        assert not {"port", "portNumber", "targetPort"} & set(ep), "KFP declares no ports: a port filter keeps no target"
+    metrics = policies(objs)["m3i-train-metrics"]
+    assert selects(metrics["podSelector"], labels)
+    (ports,) = metrics["ingress"][0]["ports"]
+    assert (ports["port"], ports["endPort"]) == (METRICS_PORTS[0], METRICS_PORTS[-1])
+
+
+def test_inline_podmonitor_namespace_patch(tmp_path):
+    """The patch docs/manifests.md gives for a Kubeflow profile namespace renders and validates."""
+    rel = os.path.relpath(MANIFESTS, tmp_path)
+    (tmp_path / "kustomization.yaml").write_text(
+        f"resources: [{rel}/overlays/prod]\n"
+        "patches:\n"
+        "  - target: {kind: PodMonitor, name: m3i-train-inline}\n"
+        "    patch: |-\n"
+        "      - op: add\n"
+        "        path: /spec/namespaceSelector\n"
+        "        value: {matchNames: [kubeflow-user-example-com]}\n"
+    )
+    pm = one(kustomize(tmp_path), "PodMonitor", "m3i-train-inline")
+    assert pm["spec"]["namespaceSelector"] == {"matchNames": ["kubeflow-user-example-com"]}
+    assert_valid(pm, CRDS[("monitoring.coreos.com/v1", "PodMonitor")])
+    docs = (ROOT / "docs" / "manifests.md").read_text()
+    assert "name: m3i-train-inline}" in docs and "path: /spec/namespaceSelector" in docs
 
 
 def test_servicemonitor_scrapes_the_pushgateway_with_honor_labels(rendered):
