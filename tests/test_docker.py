@@ -104,23 +104,22 @@ def makefile_torchx() -> list[str]:
     return m.group(1).split()
 
 
-def env_of(stage: list[Instruction]) -> dict[str, str]:
-    """ENV values of a stage, later ones win (``KEY=VALUE`` forms, quotes stripped)."""
-    env: dict[str, str] = {}
+def _key_values(stage: list[Instruction], keyword: str, pattern: str) -> dict[str, str]:
+    """``KEY=VALUE`` pairs of every ``keyword`` instruction of a stage, later ones win, quotes stripped."""
+    out: dict[str, str] = {}
     for ins in stage:
-        if ins.keyword == "ENV":
-            for key, value in re.findall(r"([A-Za-z_][A-Za-z0-9_]*)=(\"[^\"]*\"|\S*)", ins.args):
-                env[key] = value.strip('"')
-    return env
+        if ins.keyword == keyword:
+            for key, value in re.findall(pattern, ins.args):
+                out[key] = value.strip('"')
+    return out
+
+
+def env_of(stage: list[Instruction]) -> dict[str, str]:
+    return _key_values(stage, "ENV", r"([A-Za-z_][A-Za-z0-9_]*)=(\"[^\"]*\"|\S*)")
 
 
 def labels_of(stage: list[Instruction]) -> dict[str, str]:
-    labels: dict[str, str] = {}
-    for ins in stage:
-        if ins.keyword == "LABEL":
-            for key, value in re.findall(r"([\w.-]+)=(\"[^\"]*\"|\S+)", ins.args):
-                labels[key] = value.strip('"')
-    return labels
+    return _key_values(stage, "LABEL", r"([\w.-]+)=(\"[^\"]*\"|\S+)")
 
 
 def arg_defaults(stage: list[Instruction]) -> dict[str, str | None]:
