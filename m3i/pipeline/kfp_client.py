@@ -215,10 +215,15 @@ def schedule(
     return {"recurring_run_id": created.recurring_run_id, "pipeline_id": pipeline_id, "experiment_id": exp, "cron": cron6, "replaced": replaced}
 
 
+def _parameter_specs(package: str | os.PathLike | None) -> dict[str, Any]:
+    """The compiled pipeline's root parameters: name -> {parameterType, defaultValue, ...}."""
+    doc = next(yaml.safe_load_all(Path(package or packaged_pipeline()).read_text()))  # then the platform spec
+    return doc["root"]["inputDefinitions"]["parameters"]
+
+
 def pipeline_parameters(package: str | os.PathLike | None = None) -> dict[str, Any]:
     """Parameter name -> default of the compiled pipeline (``None`` for one without a default)."""
-    doc = next(yaml.safe_load_all(Path(package or packaged_pipeline()).read_text()))  # then the platform spec
-    params = doc["root"]["inputDefinitions"]["parameters"]
+    params = _parameter_specs(package)
     out = {}
     for name, spec in params.items():
         default = spec.get("defaultValue")
@@ -245,8 +250,7 @@ def check_params(params: Mapping[str, Any], package: str | os.PathLike | None = 
     Raises:
         ValueError: An argument the pipeline has no parameter for, or one of the wrong type.
     """
-    doc = next(yaml.safe_load_all(Path(package or packaged_pipeline()).read_text()))
-    specs = {k: v["parameterType"] for k, v in doc["root"]["inputDefinitions"]["parameters"].items()}
+    specs = {k: v["parameterType"] for k, v in _parameter_specs(package).items()}
     unknown = sorted(set(params) - set(specs))
     if unknown:
         raise ValueError(f"pipeline {PIPELINE_NAME} has no parameter {unknown}; its parameters are {sorted(specs)}")

@@ -413,6 +413,7 @@ def evaluate_model(
         (``categories`` + ``matrix``), ``report`` (Markdown text) and ``files`` (URIs).
     """
     from m3i.evaluate import evaluate
+    from m3i.evaluate.report import kfp_scalars, render_report
 
     sets = [f"evaluate.model={model_uri}", f"data.shards={dataset_uri}", f"evaluate.out={out_uri}"]
     sets += [f"evaluate.k={k}"] if k > 0 else []
@@ -420,12 +421,12 @@ def evaluate_model(
     sets += [f"evaluate.finetune_steps={finetune_steps}"] if finetune_steps >= 0 else []
     cfg, _ = step_config(preset, [*overrides, *sets])
     r = evaluate(cfg)
-    store = open_store(out_uri)
+    m = r.metrics  # what the files under out_uri were written from: no need to read them back
     return {
-        "metrics": r.metrics,
-        "scalars": store.read_json("kfp_metrics.json"),
-        "confusion": store.read_json("confusion_matrix.json"),
-        "report": store.get_bytes("report.md").decode("utf-8"),
+        "metrics": m,
+        "scalars": kfp_scalars(m),
+        "confusion": {"categories": list(m["classes"]), "matrix": m["probe"]["confusion"]},
+        "report": render_report(m),
         "files": dict(r.files),
         "pushed": r.pushed,
     }
