@@ -21,6 +21,7 @@ from m3i.models import (
     ema_momentum,
     grid_positions,
     list_models,
+    encoder_tokens,
     patch_tokens,
     pool_tokens,
     resolve_backbone,
@@ -204,8 +205,10 @@ def test_ema_step_uses_the_schedule():
 # ----------------------------------------------------------------------------- embedding / export
 
 
-def test_encode_matches_a_plain_timm_model_with_the_exported_weights():
-    cfg = tiny_cfg()
+@pytest.mark.parametrize("pool", ["avg", "max", "avgmax", "token"])
+def test_encode_matches_a_plain_timm_model_with_the_exported_weights(pool):
+    mix = "objective.mix_images=false" if pool == "token" else "objective.mix_images=true"
+    cfg = tiny_cfg(f"model.global_pool={pool}", mix)
     model = build_model(cfg, num_classes=2).eval()
     name, kwargs = backbone_kwargs(cfg)
     plain = timm.create_model(name, **kwargs).eval()
@@ -214,7 +217,28 @@ def test_encode_matches_a_plain_timm_model_with_the_exported_weights():
     with torch.no_grad():
         want = plain.forward_head(plain.forward_features(x), pre_logits=True)
         assert torch.allclose(model.encode(x), want, atol=1e-5)
-        assert torch.allclose(pool_tokens(model.backbone, patch_tokens(model.backbone, x)), want, atol=1e-5)
+        assert torch.allclose(pool_tokens(model.backbone, encoder_tokens(model.backbone, x)), want, atol=1e-5)
+    assert kwargs["global_pool"] == pool
+
+
+def test_pooling_a_subset_equals_pooling_those_patches_alone():
+    for pool in ("avg", "max", "avgmax"):
+        bb = create_backbone(tiny_cfg(f"model.global_pool={pool}")).eval()
+        tokens = torch.randn(2, bb.num_prefix_tokens + 16, bb.num_features)
+        w = torch.zeros(2, 16, dtype=torch.bool)
+        w[0, :5] = True
+        w[1, 7:] = True
+        got = pool_tokens(bb, tokens, w)
+        for r, idx in enumerate((torch.arange(5), torch.arange(7, 16))):
+            alone = torch.cat([tokens[r : r + 1, : bb.num_prefix_tokens], tokens[r : r + 1, bb.num_prefix_tokens + idx]], 1)
+            assert torch.allclose(got[r], pool_tokens(bb, alone)[0], atol=1e-6), pool
+
+
+def test_token_pooling_with_mixed_images_is_refused():
+    with pytest.raises(ValueError, match="global_pool='token' with objective.mix_images"):
+        tiny_cfg("model.global_pool=token", "objective.mix_images=true")
+    with pytest.raises(ValueError, match="model.global_pool='mean'"):
+        tiny_cfg("model.global_pool=mean")
 
 
 def test_patch_tokens_of_a_subset_match_gathered_positions():
@@ -287,14 +311,14 @@ def test_mixed_input_holds_a_on_visible_and_b_on_masked_patches(monkeypatch):
     model = build_model(cfg, num_classes=4)
     batch = make_batch(cfg, 5)  # pairs (0, 3), (1, 4); sample 2 has a blank partner
     seen: list[torch.Tensor] = []
-    real = m3i_module.patch_tokens
+    real = m3i_module.encoder_tokens
 
     def spy(backbone, images, keep=None):
         if backbone is model.backbone:
             seen.append(images.detach().clone())
         return real(backbone, images, keep)
 
-    monkeypatch.setattr(m3i_module, "patch_tokens", spy)
+    monkeypatch.setattr(m3i_module, "encoder_tokens", spy)
     model(batch)
     (x,) = seen
     assert x.shape == (3, 3, 32, 32)

@@ -76,6 +76,14 @@ class Config:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     """``m3i evaluate``: kNN and linear probe on frozen features of a held-out split, optional fine-tune."""
 
+    def __post_init__(self) -> None:
+        # Checks that span sections; each section checks its own values.
+        if self.model.global_pool == "token" and self.objective.use_img and self.objective.mix_images:
+            raise ValueError(
+                "model.global_pool='token' with objective.mix_images=true: a mixed input holds two images and "
+                "one class token cannot pool each; allowed: global_pool avg, max or avgmax, or mix_images=false"
+            )
+
 
 def list_presets() -> list[str]:
     """Names of the YAML presets shipped with the package."""

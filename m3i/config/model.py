@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from m3i.config.core import check_positive, check_range
+from m3i.config.core import check_choice, check_positive, check_range
 
-__all__ = ["ModelConfig", "ObjectiveConfig"]
+__all__ = ["GLOBAL_POOLS", "ModelConfig", "ObjectiveConfig"]
+
+GLOBAL_POOLS = ("avg", "max", "avgmax", "token")
+"""Pooling of the image encoder (timm's ``global_pool`` values that m3i supports)."""
 
 
 @dataclass(frozen=True)
@@ -25,14 +28,22 @@ class ModelConfig:
     patch_size: int = 16
     """Side of a ViT patch in pixels; ``data.image_size`` must be a multiple of it."""
 
+    global_pool: str = "avg"
+    """How the encoder's tokens become one embedding, as timm's ``global_pool``: ``avg`` (mean of
+    patch tokens), ``max`` (per-channel max of patch tokens), ``avgmax`` (half of each) or ``token``
+    (the class token; needs ``objective.mix_images=false``, since a mixed input holds two images).
+    The export carries it to timm. [sim: avg, as MAE/SiameseIM fine-tuning; ``max`` learns far faster
+    on small data from scratch, measured in docs/ablation.md]"""
+
     drop_path: float = 0.0
     """Stochastic depth rate of the online encoder (the EMA target never drops). [sim: 0]"""
 
     proj_dim: int = 512
     """Width of the projector output, the predictor and the dense image targets. [sim: 512]"""
 
-    projector_depth: int = 0
-    """Transformer blocks after the projector's linear map (shared by the EMA target). [choice; sim uses 2]"""
+    projector_depth: int = 2
+    """Transformer blocks after the projector's linear map (shared by the EMA target).
+    [sim: ``--projector_depth 2``, main_pretrain.py]"""
 
     predictor_depth: int = 4
     """Transformer blocks of the predictor. [sim: 4]"""
@@ -66,6 +77,7 @@ class ModelConfig:
         if not self.backbone:
             raise ValueError("model.backbone='' is not allowed; give a timm ViT name or an m3i_vit_* variant")
         check_range(s, "patch_size", self.patch_size, 2, 64)
+        check_choice(s, "global_pool", self.global_pool, GLOBAL_POOLS)
         check_range(s, "drop_path", self.drop_path, 0.0, 1.0, hi_open=True)
         check_range(s, "proj_dim", self.proj_dim, 8)
         check_range(s, "projector_depth", self.projector_depth, 0, 24)
@@ -117,8 +129,13 @@ class ObjectiveConfig:
     """Fewest patches in one masked block (capped at the masked count on small grids). [sim/BEiT: 16]"""
 
     mix_images: bool = True
-    """Mix two images into one input: A keeps its unmasked patches and predicts its own view v1 there
-    where it is hidden, B fills the masked patches and predicts its other view v2. [paper]"""
+    """Mix two images into one input: A keeps a block-wise share ``mix_keep`` of its v1's patches and
+    predicts its own view v1 where it is hidden, B fills the rest and predicts its other view v2. [paper]"""
+
+    mix_keep: float = 0.4
+    """With ``mix_images``: the share of the input's patches that image A keeps (B gets the rest,
+    block-wise, replacing ``mask_ratio``). [choice: the paper gives no split; 0.4 is SiameseIM's
+    visible share, 1 - 118/196]"""
 
     unigrad_neg_weight: float = 0.02
     """Weight of the ``p^T C p`` term of the UniGrad image loss. [sim: 0.02]"""
@@ -165,6 +182,7 @@ class ObjectiveConfig:
         for name in ("w_img", "w_cls", "w_txt", "unigrad_neg_weight"):
             check_range(s, name, getattr(self, name), 0.0)
         check_range(s, "mask_ratio", self.mask_ratio, 0.0, 1.0, lo_open=True, hi_open=True)
+        check_range(s, "mix_keep", self.mix_keep, 0.0, 1.0, lo_open=True, hi_open=True)
         check_range(s, "mask_min_block", self.mask_min_block, 1)
         check_range(s, "label_smoothing", self.label_smoothing, 0.0, 1.0, hi_open=True)
         check_positive(s, "temperature_init", self.temperature_init)

@@ -22,7 +22,7 @@ from m3i.models.registry import (
     resolve_backbone,
 )
 from m3i.models.text_encoder import TextEncoder
-from m3i.models.vit import patch_tokens, pool_tokens
+from m3i.models.vit import encoder_tokens, patch_tokens, pool_tokens
 
 __all__ = [
     "BackboneSpec",
@@ -38,6 +38,7 @@ __all__ = [
     "ema_momentum",
     "grid_positions",
     "list_models",
+    "encoder_tokens",
     "patch_tokens",
     "pool_tokens",
     "position_features",

@@ -34,7 +34,7 @@ from m3i.models.heads import Predictor, Projector
 from m3i.models.pos_embed import grid_positions, view_positions
 from m3i.models.registry import create_backbone
 from m3i.models.text_encoder import TextEncoder
-from m3i.models.vit import patch_tokens, pool_tokens
+from m3i.models.vit import encoder_tokens, pool_tokens
 
 __all__ = ["M3IModel"]
 
@@ -102,7 +102,7 @@ class M3IModel(nn.Module):
     def _register_zero3_external_parameters(self) -> None:
         """Tell ZeRO-3 to gather the ViTs' own tokens and positions for this module's forward.
 
-        :func:`m3i.models.vit.patch_tokens` reads ``cls_token`` / ``reg_token`` / ``pos_embed``
+        :func:`m3i.models.vit.encoder_tokens` reads ``cls_token`` / ``reg_token`` / ``pos_embed``
         without calling the ViT's ``forward``, where ZeRO-3 would otherwise gather them.
         """
         import deepspeed
@@ -185,7 +185,7 @@ class M3IModel(nn.Module):
             monitors["target_std"] = feature_std(tgt)
             monitors["ema_momentum"] = self.ema_m.detach().float().clone()
         else:
-            emb = pool_tokens(self.backbone, patch_tokens(self.backbone, v1))  # [N, D]
+            emb = pool_tokens(self.backbone, encoder_tokens(self.backbone, v1))  # [N, D]
             parts["loss_img"] = zero
             monitors["n_img"] = torch.tensor(0.0)
 
@@ -230,8 +230,9 @@ class M3IModel(nn.Module):
         num = mask.shape[1]
         order = torch.argsort(mask.to(torch.int8), dim=1, stable=True)  # visible first
         vis = order[:, : num - k]  # [N, L-k]
-        z = patch_tokens(self.backbone, v1, keep=vis)  # [N, L-k, D]
+        z = encoder_tokens(self.backbone, v1, keep=vis)  # [N, P+L-k, D]
         emb = pool_tokens(self.backbone, z)  # [N, D]
+        z = z[:, self.backbone.num_prefix_tokens :]  # [N, L-k, D]
         pred = self.predictor(self.projector(z), self.grid_pos[vis], view_positions(geom, self.grid))  # [N, L, Dp]
         tgt = self.target(v2)  # [N, L, Dp]
         return emb, pred.flatten(0, 1), tgt.flatten(0, 1)
@@ -251,8 +252,9 @@ class M3IModel(nn.Module):
         px = m_a.view(p, 1, *self.grid).repeat_interleave(ps, dim=2).repeat_interleave(ps, dim=3)  # [p, 1, H, W]
         x = torch.where(px, b_img, v1[:p])  # [p, 3, H, W]
 
-        z = patch_tokens(self.backbone, x)  # [p, L, D]
+        z = encoder_tokens(self.backbone, x)  # [p, P+L, D]
         emb = torch.cat([pool_tokens(self.backbone, z, ~m_a), pool_tokens(self.backbone, z[:pb], m_a[:pb])])  # [N, D]
+        z = z[:, self.backbone.num_prefix_tokens :]  # [p, L, D]
         h = self.projector(z)  # [p, L, Dp]
 
         order = torch.argsort(m_a.to(torch.int8), dim=1, stable=True)

@@ -89,8 +89,8 @@ def backbone_kwargs(cfg: Config) -> tuple[str, dict[str, Any]]:
     """``(timm_name, kwargs)`` such that ``timm.create_model(timm_name, **kwargs)`` rebuilds the backbone.
 
     Export and evaluation use this to load ``model.backbone.state_dict()`` into a plain timm model.
-    The global pool is ``avg`` (mean of patch tokens, then ``fc_norm``) because a mixed input
-    holds two images and each needs its own pooled embedding. [choice]
+    The global pool is ``model.global_pool``; timm puts its final norm after pooling for ``avg``,
+    ``max`` and ``avgmax`` (``fc_norm``) and before it for ``token``.
     """
     spec = resolve_backbone(cfg.model.backbone)
     kwargs = dict(spec.kwargs)
@@ -100,7 +100,7 @@ def backbone_kwargs(cfg: Config) -> tuple[str, dict[str, Any]]:
         img_size=cfg.data.image_size,
         patch_size=cfg.model.patch_size,
         drop_path_rate=cfg.model.drop_path,
-        global_pool="avg",
+        global_pool=cfg.model.global_pool,
     )
     return spec.timm_name, kwargs
 

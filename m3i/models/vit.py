@@ -11,20 +11,19 @@ import torch
 from timm.models import VisionTransformer
 from timm.models._manipulate import checkpoint_seq
 
-__all__ = ["patch_tokens", "pool_tokens"]
+__all__ = ["encoder_tokens", "patch_tokens", "pool_tokens"]
 
 
-def patch_tokens(backbone: VisionTransformer, images: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-    """Output patch tokens of ``backbone`` (prefix tokens run along but are dropped).
+def encoder_tokens(backbone: VisionTransformer, images: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Output tokens of ``backbone``, prefix (class/register) tokens first, after the final ``norm``.
 
     Args:
-        backbone: A timm ViT built with ``global_pool='avg'`` (its ``norm`` is then the identity
-            and ``fc_norm`` follows pooling).
+        backbone: A timm ViT (its ``norm`` is the identity when it pools with ``fc_norm``).
         images: ``[N, 3, H, W]``.
         keep: ``[N, K]`` indices of the patches to run (row-major), or ``None`` for all.
 
     Returns:
-        ``[N, K, D]`` (``[N, L, D]`` when ``keep`` is ``None``).
+        ``[N, P + K, D]`` (``[N, P + L, D]`` when ``keep`` is ``None``), ``P = backbone.num_prefix_tokens``.
     """
     x = backbone.patch_embed(images)  # [N, L, D]
     x = backbone._pos_embed(x)  # [N, P + L, D]
@@ -38,26 +37,54 @@ def patch_tokens(backbone: VisionTransformer, images: torch.Tensor, keep: torch.
         x = checkpoint_seq(backbone.blocks, x)
     else:
         x = backbone.blocks(x)
-    x = backbone.norm(x)
-    return x[:, prefix:]
+    return backbone.norm(x)
+
+
+def patch_tokens(backbone: VisionTransformer, images: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Output patch tokens of ``backbone`` (prefix tokens run along but are dropped): ``[N, K, D]``.
+
+    See :func:`encoder_tokens` for the arguments.
+    """
+    return encoder_tokens(backbone, images, keep)[:, backbone.num_prefix_tokens :]
 
 
 def pool_tokens(backbone: VisionTransformer, tokens: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """The global embedding: mean of patch tokens (optionally of a subset), then timm's ``fc_norm``.
+    """The global embedding by the backbone's ``global_pool``, then its ``fc_norm``.
 
-    With all tokens this equals ``backbone.forward_head(backbone.forward_features(x), pre_logits=True)``.
+    With every patch this equals ``backbone.forward_head(backbone.forward_features(x), pre_logits=True)``;
+    ``weights`` pools a subset of the patches (one image of a mixed input).
 
     Args:
-        backbone: The ViT whose ``fc_norm`` to apply.
-        tokens: ``[N, L, D]`` patch tokens.
-        weights: ``[N, L]`` 0/1 (or bool) selection of the tokens of each row; ``None`` averages all.
+        backbone: The ViT whose ``global_pool`` (``avg``, ``max``, ``avgmax`` or ``token``) and ``fc_norm`` to apply.
+        tokens: ``[N, P + L, D]`` output of :func:`encoder_tokens`.
+        weights: ``[N, L]`` 0/1 (or bool) selection of each row's patches; ``None`` pools all.
 
     Returns:
         ``[N, D]``.
+
+    Raises:
+        ValueError: On ``token`` pooling of a subset, or a pooling m3i does not support.
     """
+    pool = backbone.global_pool
+    prefix = backbone.num_prefix_tokens
+    if pool == "token":
+        if weights is not None:
+            raise ValueError("global_pool='token' cannot pool a subset of patches (a mixed input); use avg, max or avgmax")
+        return backbone.fc_norm(tokens[:, 0])
+    x = tokens[:, prefix:]  # [N, L, D]
     if weights is None:
-        pooled = tokens.mean(dim=1)
+        avg, top = x.mean(dim=1), x.amax(dim=1)
     else:
-        w = weights.to(tokens.dtype)[..., None]  # [N, L, 1]
-        pooled = (tokens * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)
+        w = weights.to(x.dtype)[..., None]  # [N, L, 1]
+        avg = (x * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)
+        top = x.masked_fill(w == 0, float("-inf")).amax(dim=1)
+        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # a row without patches
+    if pool == "avg":
+        pooled = avg
+    elif pool == "max":
+        pooled = top
+    elif pool == "avgmax":
+        pooled = 0.5 * (avg + top)
+    else:
+        raise ValueError(f"global_pool={pool!r} is not supported; allowed: avg, max, avgmax, token")
     return backbone.fc_norm(pooled)

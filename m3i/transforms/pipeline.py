@@ -65,7 +65,9 @@ class TwoViewTransform:
         self.size = cfg.data.image_size
         self.grid = (self.size // cfg.model.patch_size,) * 2
         self.two_views = o.use_img
-        self.count = num_masked(self.grid[0] * self.grid[1], o.mask_ratio)
+        # With mixing the "masked" patches are image B's share of the input. [paper]
+        share = 1.0 - o.mix_keep if o.mix_images else o.mask_ratio
+        self.count = num_masked(self.grid[0] * self.grid[1], share)
         self.min_block = o.mask_min_block
         self.scale = tuple(o.crop_scale)
         self.ratio = tuple(o.crop_ratio)
