@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import pickle
+import socket
 
 import pytest
 import timm
@@ -26,7 +29,8 @@ from m3i.models import (
     pool_tokens,
     resolve_backbone,
 )
-from m3i.text import ByteTokenizer
+from m3i.models.text_encoder import OpenClipTextEncoder, build_text_encoder
+from m3i.text import CLIP_EOT_ID, CLIP_SOT_ID, CLIP_VOCAB_SIZE, ByteTokenizer, ClipTokenizer, build_tokenizer
 from m3i.transforms import block_mask, num_masked
 
 TINY_HEADS = [
@@ -60,7 +64,7 @@ def make_batch(cfg: Config, n: int = 6, seed: int = 0) -> dict[str, torch.Tensor
     size, patch = cfg.data.image_size, cfg.model.patch_size
     grid = (size // patch, size // patch)
     count = num_masked(grid[0] * grid[1], cfg.objective.mask_ratio)
-    tok = ByteTokenizer(cfg.model.text_max_len)
+    tok = build_tokenizer(cfg.model)
     cls = torch.tensor([i % 4 if i % 3 == 0 else -1 for i in range(n)])
     txt = [f"caption {i} ünïcode" if i % 3 == 1 else "" for i in range(n)]
     geom = torch.stack(
@@ -293,6 +297,93 @@ def test_text_encoder_ignores_padding_and_takes_empty_batches():
         assert torch.allclose(a, b, atol=1e-5)
         assert enc(long.encode_batch([])).shape == (0, 32)
         assert not torch.allclose(a[0], a[1], atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "kind,tokenizer,encoder", [("open_clip", ClipTokenizer, OpenClipTextEncoder), ("byte", ByteTokenizer, TextEncoder)]
+)
+def test_each_text_encoder_builds_tokenises_and_embeds(kind, tokenizer, encoder):
+    cfg = tiny_cfg(f"model.text_encoder={kind}")  # text_max_len 32, width 32
+    tok, enc = build_tokenizer(cfg.model), build_text_encoder(cfg.model)
+    assert type(tok) is tokenizer and type(enc) is encoder
+    ids = tok.encode("a red circle in the centre")
+    assert ids.shape == (32,) and ids.dtype == torch.long
+    assert int(ids.max()) < tok.vocab_size
+    assert enc(tok.encode_batch(["a red circle", "two blue squares"])).shape == (2, 32)
+    model = build_model(cfg, num_classes=2)
+    assert type(model.text_encoder) is encoder
+    assert model.embed_text(tok.encode_batch(["a red circle"])).shape == (1, cfg.model.embed_dim)
+
+
+@pytest.mark.parametrize("kind", ["open_clip", "byte"])
+def test_padding_does_not_change_a_captions_embedding(kind):
+    torch.manual_seed(0)
+    m = tiny_cfg(f"model.text_encoder={kind}", "model.text_depth=2").model  # text_max_len 32
+    enc = build_text_encoder(m).eval()
+    tok, short = build_tokenizer(m), build_tokenizer(dataclasses.replace(m, text_max_len=24))
+    caption, longer = "a small red star!", "a large green circle next to a small blue square, seen from above"
+    with torch.no_grad():
+        alone = enc(short.encode_batch([caption]))  # [1, W]: padded to 24
+        padded = enc(tok.encode_batch([caption]))  # padded to 32
+        batched = enc(tok.encode_batch([caption, longer]))  # next to a longer caption
+        assert torch.allclose(alone[0], padded[0], atol=1e-5)
+        assert torch.allclose(alone[0], batched[0], atol=1e-5)
+        assert not torch.allclose(batched[0], batched[1], atol=1e-3)
+        assert enc(tok.encode_batch([])).shape == (0, m.text_width)
+
+
+def test_open_clip_encoder_refuses_tokens_longer_than_its_context():
+    enc = OpenClipTextEncoder(32, 1, 4, 16)
+    with pytest.raises(ValueError, match="max_len=16"):
+        enc(ClipTokenizer(17).encode_batch(["a red circle"]))
+
+
+def test_default_config_builds_a_bert_base_sized_open_clip_text_tower():
+    from m3i.evaluate.load import _group_names
+
+    cfg = load_config(None)
+    m = cfg.model
+    assert (m.text_encoder, m.text_width, m.text_depth, m.text_heads, m.text_max_len) == ("open_clip", 768, 12, 12, 77)
+    assert load_config("default").model == m  # the preset spells out the dataclass defaults
+    with torch.device("meta"):  # no memory, no init cost: only the architecture
+        enc = build_text_encoder(m)
+    tower = enc.tower
+    assert isinstance(enc, OpenClipTextEncoder) and enc.width == 768
+    assert len(tower.transformer.resblocks) == 12 and tower.transformer.width == 768 and tower.heads == 12
+    assert tower.context_length == 77 and tower.token_embedding.num_embeddings == CLIP_VOCAB_SIZE
+    assert tower.text_projection is None and tower.pool_type == "argmax" and tower.attn_mask is not None  # causal
+    assert 120e6 < sum(p.numel() for p in enc.parameters()) < 125e6  # BERT-Base-sized, with CLIP's vocabulary
+    # evaluate.load rebuilds the whole model on the meta device to name the optimizer groups.
+    decay, no_decay = _group_names(cfg, 10)()
+    assert "text_encoder.tower.positional_embedding" in no_decay
+    assert "text_encoder.tower.token_embedding.weight" in decay
+
+
+def test_clip_tokenizer_works_offline_and_pickles_small(monkeypatch):
+    import m3i.text as text_module
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the CLIP tokenizer touched the network")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    text_module._clip_bpe.cache_clear()  # load the vocabulary again, under the block
+    tok = ClipTokenizer(77)
+    ids = tok.encode("A  red circle, in the CENTRE.")
+    assert ids.shape == (77,) and int(ids[0]) == CLIP_SOT_ID
+    end = int((ids == CLIP_EOT_ID).nonzero()[0])
+    assert 3 < end < 12 and (ids[end + 1 :] == 0).all()
+    assert tok.decode(ids) == "a red circle , in the centre ."
+    cut = ClipTokenizer(8).encode("one two three four five six seven eight nine ten")
+    assert cut.shape == (8,) and int(cut[-1]) == CLIP_EOT_ID  # truncated, still ends in <end>
+    blob = pickle.dumps(tok)  # loader workers get the tokenizer pickled; the vocabulary stays behind
+    assert len(blob) < 1000 and torch.equal(pickle.loads(blob).encode("A red circle."), tok.encode("A red circle."))
+    assert tok.encode_batch([]).shape == (0, 77)
+
+
+def test_unknown_text_encoder_is_refused():
+    with pytest.raises(ValueError, match="text_encoder='bert'.*open_clip"):
+        tiny_cfg("model.text_encoder=bert")
 
 
 def test_ema_target_targets_are_layer_normalised():

@@ -11,10 +11,13 @@ from dataclasses import dataclass
 
 from m3i.config.core import check_choice, check_positive, check_range
 
-__all__ = ["GLOBAL_POOLS", "ModelConfig", "ObjectiveConfig"]
+__all__ = ["GLOBAL_POOLS", "TEXT_ENCODERS", "ModelConfig", "ObjectiveConfig"]
 
 GLOBAL_POOLS = ("avg", "max", "avgmax", "token")
 """Pooling of the image encoder (timm's ``global_pool`` values that m3i supports)."""
+
+TEXT_ENCODERS = ("open_clip", "byte")
+"""Tokenizer + text tower pairs of the image->text branch (``model.text_encoder``)."""
 
 
 @dataclass(frozen=True)
@@ -54,17 +57,27 @@ class ModelConfig:
     embed_dim: int = 512
     """Dimension of the shared image-text embedding space. [choice: CLIP ViT-B]"""
 
-    text_width: int = 512
-    """Width of the trainable text encoder. [choice: CLIP text transformer; paper: BERT-Base size]"""
+    text_encoder: str = "open_clip"
+    """The image->text branch's tokenizer and text tower: ``open_clip`` (open_clip's CLIP BPE tokenizer,
+    vocabulary shipped in its wheel, and its ``TextTransformer``: causal, pooled at the end-of-text
+    token, trained from scratch) or ``byte`` (m3i's UTF-8 byte tokenizer and bidirectional encoder
+    pooled at ``[CLS]``, for tiny demo models). [choice: open_clip, the field's reference CLIP text
+    transformer and tokenizer]"""
+
+    text_width: int = 768
+    """Width of the trainable text encoder. [paper: 12-layer BERT-Base-sized text encoder, width 768]"""
 
     text_depth: int = 12
-    """Transformer blocks of the text encoder. [paper: 12]"""
+    """Transformer blocks of the text encoder. [paper: 12, BERT-Base size]"""
 
-    text_heads: int = 8
-    """Attention heads of the text encoder; must divide ``text_width``. [choice]"""
+    text_heads: int = 12
+    """Attention heads of the text encoder; must divide ``text_width``. [paper: 12, BERT-Base size]"""
 
-    text_max_len: int = 128
-    """Tokens per caption including the two specials; UTF-8 bytes beyond it are cut. [choice]"""
+    text_max_len: int = 77
+    """Tokens per caption, start and end tokens included (the text tower's positions); longer captions
+    are cut and keep their end token. ``open_clip``: BPE tokens; any length works as the tower is trained
+    from scratch. ``byte``: UTF-8 bytes, about one per character, so captions need more (the demo sets 96).
+    [choice: CLIP's 77]"""
 
     num_classes: int = 0
     """Classes of the image->category head; 0 takes the count from the data index at train time."""
@@ -90,6 +103,7 @@ class ModelConfig:
                 f"model.predictor_heads={self.predictor_heads} must divide model.proj_dim={self.proj_dim}"
             )
         check_range(s, "embed_dim", self.embed_dim, 1)
+        check_choice(s, "text_encoder", self.text_encoder, TEXT_ENCODERS)
         check_range(s, "text_width", self.text_width, 8)
         check_range(s, "text_depth", self.text_depth, 1, 48)
         check_range(s, "text_heads", self.text_heads, 1)

@@ -33,7 +33,7 @@ from m3i.models.ema import EMATarget, ema_momentum
 from m3i.models.heads import Predictor, Projector
 from m3i.models.pos_embed import grid_positions, view_positions
 from m3i.models.registry import create_backbone
-from m3i.models.text_encoder import TextEncoder
+from m3i.models.text_encoder import build_text_encoder
 from m3i.models.vit import encoder_tokens, pool_tokens
 
 __all__ = ["M3IModel"]
@@ -88,7 +88,7 @@ class M3IModel(nn.Module):
             nn.init.trunc_normal_(self.cls_head.weight, std=0.02)
             nn.init.zeros_(self.cls_head.bias)
         if self.use_txt:
-            self.text_encoder = TextEncoder(m.text_width, m.text_depth, m.text_heads, m.text_max_len)
+            self.text_encoder = build_text_encoder(m)  # [N, T] -> [N, text_width]
             self.image_proj = nn.Linear(dim, m.embed_dim, bias=False)
             self.text_proj = nn.Linear(m.text_width, m.embed_dim, bias=False)
             nn.init.normal_(self.image_proj.weight, std=dim**-0.5)
@@ -152,6 +152,7 @@ class M3IModel(nn.Module):
             "backbone.reg_token",
             "predictor.mask_token",
             "text_encoder.pos_embed",
+            "text_encoder.tower.positional_embedding",
             "logit_scale",
         }
         own = {n for n, _ in self.named_parameters()}

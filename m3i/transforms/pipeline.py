@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from m3i.config import Config
-from m3i.text import ByteTokenizer
+from m3i.text import build_tokenizer
 from m3i.transforms.color import ColorAugment
 from m3i.transforms.geometry import render_view, sample_crop, view_geometry
 from m3i.transforms.masking import block_mask, num_masked
@@ -78,7 +78,7 @@ class TwoViewTransform:
             )
             for k in range(2)
         )
-        self.tokenizer = ByteTokenizer(cfg.model.text_max_len)
+        self.tokenizer = build_tokenizer(cfg.model)  # model.text_encoder's, padded to model.text_max_len
 
     def _view(self, img: Image.Image, gen: torch.Generator, k: int):
         box = sample_crop(gen, img.width, img.height, self.scale, self.ratio)
