@@ -231,6 +231,36 @@ def test_model_card_manifest_and_sums_are_true(tmp_path, fake):
     assert not (tmp_path / "models3").exists()
 
 
+def test_the_export_carries_the_runs_history_up_to_its_step(tmp_path, fake):
+    from m3i.train.history import History, read_history
+
+    run = tmp_path / "run"
+    _fake_zero0_checkpoint(run, fake["cfg"], fake["model"], step=3, meta_extra={"init_from": {
+        "uri": "s3://models/base/v1", "kind": "exported", "name": "base", "step": 9, "modules": ["backbone", "target.backbone"]}})
+    history = History(str(run))
+    for s in range(1, 6):  # steps 4 and 5 were trained after the exported checkpoint
+        history.append({"step": s, "time": 1.7e9 + s, "lr": 1e-4, "loss": 3.0 - s / 10, "loss_img": 0.5})
+    history.flush()
+    for where in (str(run), str(run / "checkpoints" / "step-00000003")):
+        r = _export(tmp_path, where, str(tmp_path / "models"))
+        folder = Path(r.uri)
+        assert r.history == str(folder / "history.jsonl")
+        rows = read_history(str(folder))
+        assert [row["step"] for row in rows] == [1, 2, 3] and rows == read_history(str(run))[:3]
+        sums = dict(reversed(line.split("  ")) for line in (folder / "SHA256SUMS").read_text().splitlines())
+        assert set(sums) == {"model.safetensors", "config.json", "README.md", "history.jsonl"}
+        assert sums["history.jsonl"] == _sha(folder / "history.jsonl")
+        manifest = json.loads((folder / "export.json").read_text())
+        entry = next(f for f in manifest["files"] if f["key"] == "history.jsonl")
+        assert entry == {"key": "history.jsonl", "bytes": (folder / "history.jsonl").stat().st_size, "sha256": sums["history.jsonl"]}
+        assert manifest["history_steps"] == 3 and manifest["init_from"]["uri"] == "s3://models/base/v1"
+        card = (folder / "README.md").read_text()
+        assert "`history.jsonl` (the training curves" in card and "3 rows" in card
+        assert "| initialised from | `backbone`, `target.backbone` from `s3://models/base/v1` (exported `base`, step 9) |" in card
+    # A run without a history exports without one.
+    assert _export(tmp_path, fake["run"], str(tmp_path / "plain")).history is None
+
+
 def test_ema_of_a_run_without_the_image_branch_is_refused(tmp_path):
     from m3i.models import build_model
 

@@ -93,6 +93,9 @@ def test_sigterm_saves_a_complete_checkpoint_and_exits_143(shards, tmp_path):
     assert "preempted: SIGTERM at step" in err
     steps = sorted(json.loads(p.read_text())["step"] for p in (out / "checkpoints").glob("step-*/complete.json"))
     assert steps[-1] > 3 and grace < 30  # a new, complete checkpoint well inside a 30 s grace period
+    from m3i.train.history import read_history
+
+    assert [r["step"] for r in read_history(str(out))] == list(range(1, steps[-1] + 1))  # flushed with that checkpoint
 
 
 def test_corrupt_shard_in_the_middle_is_skipped_and_counted(shards, tmp_path):
@@ -156,10 +159,8 @@ def test_prometheus_scrapes_a_two_process_run(shards, tmp_path, prometheus_facto
         proc.wait(timeout=60)
 
 
-def _in_process_train(monkeypatch, tmp_path, shards, bad_calls, **train):
-    """Train in this process (one rank) with NaN losses on the given forward calls."""
-    from m3i.config import load_config
-    from m3i.train import loop
+def _one_rank_here(monkeypatch) -> None:
+    """The environment of a one-rank job in this process."""
     from tests.conftest import free_port
 
     for k, v in train_env().items():
@@ -169,6 +170,20 @@ def _in_process_train(monkeypatch, tmp_path, shards, bad_calls, **train):
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.setenv(k, "1" if k == "WORLD_SIZE" else "0")
+
+
+def _cfg_here(tmp_path, shards, out, name="c", **sections):
+    from m3i.config import load_config
+
+    sections["data"] = {"num_workers": 0, **sections.get("data", {})}
+    return load_config(None, write_train_config(tmp_path / f"{name}.yaml", shards, str(out), **sections))
+
+
+def _in_process_train(monkeypatch, tmp_path, shards, bad_calls, checkpoint=None, **train):
+    """Train in this process (one rank) with NaN losses on the given forward calls."""
+    from m3i.train import loop
+
+    _one_rank_here(monkeypatch)
     real_build = loop.build_model
     calls = {"n": 0}
 
@@ -188,7 +203,7 @@ def _in_process_train(monkeypatch, tmp_path, shards, bad_calls, **train):
 
     monkeypatch.setattr(loop, "build_model", build_with_nans)
     out = tmp_path / "run"
-    cfg = load_config(None, write_train_config(tmp_path / "c.yaml", shards, str(out), train=train, data={"num_workers": 0}))
+    cfg = _cfg_here(tmp_path, shards, out, train=train, checkpoint=checkpoint or {})
     return out, lambda: loop.train(cfg, progress=False)
 
 
@@ -229,3 +244,169 @@ def test_trains_from_and_checkpoints_to_s3(shards, tmp_path, s3_bucket):
     # Retention (keep_last=2): steps 4 and 6 remain, step 2 was deleted whole.
     tags = sorted({o.key.split("/")[1] for o in run.list("checkpoints/")})
     assert tags == ["step-00000004", "step-00000006"]
+
+
+# ---------------------------------------------------------------------------------------------- history
+
+
+HISTORY_KEYS = {"step", "time", "lr", "step_seconds", "data_wait_seconds"}
+LOSS_KEYS = {"loss", "loss_img", "loss_cls", "loss_txt", "n_img", "n_cls", "n_txt", "acc_cls", "temperature", "target_std", "ema_momentum"}
+
+
+def test_history_has_one_row_per_step_keeps_steps_once_over_a_resume_and_ships_with_the_export(shards, tmp_path, monkeypatch):
+    import math
+
+    from m3i.export import export
+    from m3i.models import build_model
+    from m3i.train import TrainingDiverged, loop
+    from m3i.train.engine import lr_lambda, peak_lr
+    from m3i.train.history import read_history
+
+    # Attempt 1 trains steps 1-4, checkpoints at 3, and dies at step 4 on a NaN: row 4 is not in a checkpoint.
+    out, run = _in_process_train(monkeypatch, tmp_path, shards, set(range(5, 100)), checkpoint={"interval_steps": 3}, steps=6, max_bad_steps=1)
+    with pytest.raises(TrainingDiverged):
+        run()
+    first = read_history(str(out))
+    assert [r["step"] for r in first] == [1, 2, 3, 4]  # written after the failure too: the curve up to it
+    between = time.time()
+
+    # Attempt 2 resumes from step 3 and ends at 6: steps 1-3 of attempt 1 stay, its step 4 is replaced.
+    monkeypatch.setattr(loop, "build_model", build_model)
+    cfg = _cfg_here(tmp_path, shards, out, name="resume", train={"steps": 6}, checkpoint={"interval_steps": 3})
+    summary = loop.train(cfg, progress=False)
+    assert summary.resumed_from == 3 and summary.steps == 6
+    rows = read_history(str(out))
+    lines = (out / "history.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4, 5, 6]  # in the file once each, in order
+    assert rows[:3] == first[:3] and rows[3]["time"] > between > first[3]["time"]
+    assert LOSS_KEYS <= set(summary.last_parts)
+    peak, schedule = peak_lr(cfg, 1), lr_lambda(cfg, peak_lr(cfg, 1))
+    for row in rows:
+        assert set(row) == HISTORY_KEYS | set(summary.last_parts), row
+        assert all(isinstance(row[k], (int, float)) and math.isfinite(row[k]) for k in row)
+        assert row["lr"] == pytest.approx(peak * schedule(row["step"] - 1))  # the rate the step applied
+        assert row["step_seconds"] > 0 and row["data_wait_seconds"] >= 0
+    assert {k: rows[-1][k] for k in summary.last_parts} == pytest.approx(summary.last_parts)
+
+    result = export(_cfg_here(tmp_path, shards, out, name="export", export={"checkpoint": str(out), "out": str(tmp_path / "models")}))
+    assert result.step == 6 and result.history is not None
+    assert read_history(result.uri) == rows
+    assert "history.jsonl" in (Path(result.uri) / "SHA256SUMS").read_text()
+
+
+# ---------------------------------------------------------------------------------------------- train.init_from
+
+
+def _export_of_a_fake_run(tmp_path, name="base", **sections) -> tuple[str, dict]:
+    """An `m3i export` of a model with perturbed backbone weights (no training); returns (uri, its weights)."""
+    from safetensors.torch import load_file
+
+    from m3i.models import build_model
+    from tests.test_export import _cfg, _export, _fake_zero0_checkpoint
+
+    cfg = _cfg(tmp_path, **sections)
+    torch.manual_seed(123)
+    model = build_model(cfg, num_classes=4)
+    with torch.no_grad():
+        for p in model.backbone.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    _fake_zero0_checkpoint(tmp_path / f"{name}-run", cfg, model, step=7)
+    result = _export(tmp_path, str(tmp_path / f"{name}-run"), str(tmp_path / "models"), name=name)
+    return result.uri, load_file(result.weights)
+
+
+def test_init_from_an_export_starts_the_run_from_exactly_its_backbone(shards, tmp_path, monkeypatch):
+    from m3i.models import build_model
+    from m3i.train import loop
+
+    uri, weights = _export_of_a_fake_run(tmp_path)
+    _one_rank_here(monkeypatch)
+    seen = {}
+
+    def build_and_remember(cfg, num_classes=None):
+        model = build_model(cfg, num_classes=num_classes)
+        seen["built"] = {k: v.clone() for k, v in model.state_dict().items()}
+        return model
+
+    def engine_and_remember(cfg, model, world_size):
+        seen["engine"] = {k: v.clone() for k, v in model.state_dict().items()}
+        return real_engine(cfg, model, world_size)
+
+    real_engine = loop.build_engine
+    monkeypatch.setattr(loop, "build_model", build_and_remember)
+    monkeypatch.setattr(loop, "build_engine", engine_and_remember)
+    out = tmp_path / "run"
+    loop.train(_cfg_here(tmp_path, shards, out, train={"steps": 1, "init_from": uri, "seed": 5}), progress=False)
+
+    built, loaded = seen["built"], seen["engine"]
+    for prefix in ("backbone.", "target.backbone."):
+        got = {k[len(prefix):]: v for k, v in loaded.items() if k.startswith(prefix)}
+        assert got.keys() == weights.keys() and len(got) > 50
+        assert all(torch.equal(got[k], weights[k]) for k in weights), prefix
+        assert not any(torch.equal(built[prefix + k], weights[k]) for k in weights if weights[k].numel() > 1)  # not by chance
+    rest = [k for k in built if not k.startswith(("backbone.", "target.backbone."))]
+    assert any(k.startswith("projector.") for k in rest) and any(k.startswith("text_encoder.") for k in rest)
+    assert all(torch.equal(loaded[k], built[k]) for k in rest)  # projector, predictor, heads, text encoder: fresh
+    meta = json.loads((out / "checkpoints" / "step-00000001" / "complete.json").read_text())
+    assert meta["init_from"] == {"uri": uri, "kind": "exported", "name": "base", "step": 7, "modules": ["backbone", "target.backbone"]}
+
+    # A resume takes the run's own checkpoint: init_from is not read again (here it would not even exist).
+    cfg = _cfg_here(tmp_path, shards, out, name="resume", train={"steps": 2, "init_from": str(tmp_path / "gone"), "seed": 5})
+    assert loop.train(cfg, progress=False).resumed_from == 1
+    meta = json.loads((out / "checkpoints" / "step-00000002" / "complete.json").read_text())
+    assert meta["init_from"]["uri"] == uri  # the weights' origin stays on record
+
+
+def test_init_from_a_run_folder_loads_its_latest_checkpoints_online_encoder(tmp_path):
+    from m3i.models import build_model
+    from m3i.train.loop import init_backbone
+    from tests.test_export import _cfg, _fake_zero0_checkpoint
+
+    cfg = _cfg(tmp_path)
+    source = build_model(cfg, num_classes=4)
+    with torch.no_grad():
+        for p in source.backbone.parameters():
+            p.add_(1.0)
+    _fake_zero0_checkpoint(tmp_path / "run", cfg, source, step=2)
+    run_cfg = _cfg(tmp_path, train={"init_from": str(tmp_path / "run")}, objective={"use_img": False})
+    model = build_model(run_cfg, num_classes=4)
+    loaded = init_backbone(run_cfg, model)
+    assert loaded["kind"] == "checkpoint" and loaded["step"] == 2 and loaded["modules"] == ["backbone"]  # no EMA target
+    want = source.backbone.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in model.backbone.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    "sections, differs",
+    [
+        ({"model": {"patch_size": 4}}, r"patch size \(4, 4\) != \(8, 8\)"),
+        ({"data": {"image_size": 64}}, r"image size \(64, 64\) != \(32, 32\)"),
+        ({"model": {"global_pool": "max"}}, r"global pool max != avg"),
+        ({"model": {"backbone": "m3i_vit_tiny"}}, r"depth \d+ != 4; width \d+ != 96"),
+    ],
+)
+def test_init_from_another_encoder_is_a_value_error_saying_what_differs(tmp_path, sections, differs):
+    from m3i.models import build_model
+    from m3i.train.loop import init_backbone
+    from tests.test_export import _cfg
+
+    uri, _ = _export_of_a_fake_run(tmp_path, **sections)
+    cfg = _cfg(tmp_path, train={"init_from": uri})
+    model = build_model(cfg, num_classes=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"train\.init_from=.*does not fit this run's backbone.*" + differs):
+        init_backbone(cfg, model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing half-loaded
+    with pytest.raises(ValueError, match=r"train\.init_from=.* holds neither an m3i export"):
+        init_backbone(_cfg(tmp_path, train={"init_from": str(tmp_path / "nothing")}), model)
+
+
+def test_train_refuses_a_mismatched_init_from_before_building_the_engine(shards, tmp_path, monkeypatch):
+    from m3i.train import loop
+
+    uri, _ = _export_of_a_fake_run(tmp_path, model={"patch_size": 4})
+    _one_rank_here(monkeypatch)
+    monkeypatch.setattr(loop, "build_engine", lambda *a: pytest.fail("the engine was built"))
+    with pytest.raises(ValueError, match=r"train\.init_from=.*patch size"):
+        loop.train(_cfg_here(tmp_path, shards, tmp_path / "run", train={"init_from": uri}), progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()

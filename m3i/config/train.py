@@ -64,6 +64,18 @@ class TrainConfig:
     backend: str = "auto"
     """torch.distributed backend: ``auto`` (NCCL with GPUs, gloo without), ``nccl`` or ``gloo``."""
 
+    init_from: str = ""
+    """Backbone weights to start a fresh run from; empty starts from random initialisation.
+
+    Accepts, local or ``s3://``: an ``m3i export`` folder (``config.json`` + ``model.safetensors``),
+    one checkpoint (``<output>/checkpoints/step-XXXXXXXX``) or a run's output folder (its latest
+    complete checkpoint; the online encoder is read). The weights go into ``model.backbone`` and,
+    with the image branch on, into the EMA target's backbone; projector, predictor, heads, text
+    encoder, optimizer, schedule and step start fresh. Ignored when the run resumes from its own
+    checkpoint (that one wins). The source must be the same timm ViT: depth, width, heads, patch
+    size, image size and pooling as this run's ``model`` / ``data.image_size``, else ``ValueError``.
+    Recorded as ``init_from`` in each checkpoint's metadata."""
+
     def __post_init__(self) -> None:
         s = "train"
         if not self.output:

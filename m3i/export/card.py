@@ -91,6 +91,10 @@ class CardFacts:
     train_config: dict[str, Any] = field(default_factory=dict)
     evaluation: dict[str, Any] | None = None
     evaluation_source: str = ""
+    history_steps: int = 0
+    """Rows of the run's ``history.jsonl`` shipped beside the weights (0: none)."""
+    init_from: dict[str, Any] | None = None
+    """The checkpoint metadata's ``init_from``: where the run's backbone started from, if not random."""
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
@@ -137,6 +141,7 @@ def render_card(f: CardFacts) -> str:
         f"| data index sha256 | `{f.data_index_sha256}` |",
         f"| inputs sha256 | `{f.inputs_sha256}` |",
         f"| run id | `{f.run_id}` |",
+        *([f"| initialised from | {_init_from(f.init_from)} |"] if f.init_from else []),
         f"| m3i version | {f.m3i_version_train} (training), {f.m3i_version_export} (export) |",
         f"| code revision | {revision_train} (training), {f.code_revision_export} (export) |",
         f"| exported | {f.created} |",
@@ -186,10 +191,20 @@ def render_card(f: CardFacts) -> str:
         "## Files",
         "",
         "`model.safetensors` (weights, timm key names), `config.json` (timm architecture, arguments and preprocessing), "
-        "this `README.md`, `SHA256SUMS` (`sha256sum -c SHA256SUMS`), and `export.json` (the manifest, written last).",
+        "this `README.md`, "
+        + (f"`history.jsonl` (the training curves: one JSON row per optimizer step, {f.history_steps} rows, "
+           "lr, loss parts and monitors), " if f.history_steps else "")
+        + "`SHA256SUMS` (`sha256sum -c SHA256SUMS`), and `export.json` (the manifest, written last).",
         "",
     ]
     return "\n".join(lines)
+
+
+def _init_from(init: dict[str, Any]) -> str:
+    """The ``initialised from`` row: which modules took whose weights."""
+    step = f", step {init['step']}" if init.get("step") is not None else ""
+    modules = ", ".join(f"`{m}`" for m in init.get("modules", []))
+    return f"{modules} from `{init.get('uri')}` ({init.get('kind')} `{init.get('name')}`{step})"
 
 
 def render_sums(hashes: dict[str, str]) -> str:

@@ -8,7 +8,8 @@ Under the version prefix::
     model.safetensors   the encoder's state dict with timm's key names (``backbone.`` stripped)
     config.json         timm's hub config: architecture, model_args, preprocessing
     README.md           the model card
-    SHA256SUMS          sha256 of the three files above
+    history.jsonl       the run's per-step loss curves up to the exported step (when the run has them)
+    SHA256SUMS          sha256 of the files above
     export.json         the manifest, written LAST: every file with bytes and sha256, and the provenance
 
 Peak memory stays near one float32 copy of the backbone: checkpoint files are memory-mapped,
@@ -37,6 +38,8 @@ from m3i.export.safetensors_stream import write_safetensors
 from m3i.export.source import CheckpointSource, locate_checkpoint
 from m3i.export.zero import BackboneReader
 from m3i.storage import Store, join_uri, open_store, sha256_file
+from m3i.train.checkpoint import PREFIX
+from m3i.train.history import HISTORY_FILE, read_history, render_history
 
 __all__ = ["export", "ExportResult", "MANIFEST", "PREFIXES", "WEIGHTS"]
 
@@ -81,6 +84,8 @@ class ExportResult:
     """Size of ``model.safetensors``."""
     architecture: str
     seconds: float
+    history: str | None = None
+    """URI of ``history.jsonl`` (the run's loss curves up to ``step``); ``None`` when the run recorded none."""
 
 
 def _hash(path: Path) -> str:
@@ -136,6 +141,22 @@ def _check_keys(reader: BackboneReader, expected: dict[str, tuple[int, ...]], ar
         )
 
 
+def _run_of(checkpoint_uri: str) -> str | None:
+    """The run output holding ``<output>/checkpoints/step-XXXXXXXX``; ``None`` for a checkpoint outside that layout."""
+    parts = checkpoint_uri.rstrip("/").rsplit("/", 2)
+    if len(parts) == 3 and parts[1] == PREFIX:
+        return parts[0]
+    if len(parts) == 2 and parts[0] == PREFIX:
+        return "."
+    return None
+
+
+def _history_rows(src: CheckpointSource) -> list[dict[str, Any]]:
+    """The run's history up to the exported step: the curves that led to these weights, none after."""
+    run = _run_of(src.uri)
+    return [r for r in read_history(run) if r["step"] <= src.step] if run is not None else []
+
+
 def _model_name(name: str, run_id: str) -> str:
     if name:
         return name
@@ -182,6 +203,7 @@ def export(cfg: Config) -> ExportResult:
         raise ValueError(f"timm {arch} has buffers in its state dict ({sorted(set(expected) - set(params))[:5]}); export reads parameters only")
     model_args = {k: v for k, v in kwargs.items() if k not in ("pretrained", "drop_path_rate")}
     name = _model_name(e.name, str(meta.get("run_id", "")))
+    history = _history_rows(src)
     log.info("export: %s (step %d) -> %s/%s, %s encoder in %s", src.uri, src.step, e.out, name, e.weights, e.dtype)
 
     staging = Path(e.staging_dir) if e.staging_dir else None
@@ -217,7 +239,10 @@ def export(cfg: Config) -> ExportResult:
             code_revision_train=meta.get("code_revision"), code_revision_export=code_revision(),
             created=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), weights_sha256=sha,
             train_config=meta["config"], evaluation=evaluation, evaluation_source=e.metrics,
+            history_steps=len(history), init_from=meta.get("init_from"),
         )
+        if history:
+            (out / HISTORY_FILE).write_text(render_history(history))
         hashes = _write_beside(out, facts, timm_config(arch, model_args, facts.num_features, facts.image_size), sha)
         store = _publish(out, uri, hashes, facts)
     seconds = time.monotonic() - t0
@@ -226,14 +251,18 @@ def export(cfg: Config) -> ExportResult:
         uri=uri, weights=store.url(WEIGHTS), config=store.url("config.json"), card=store.url("README.md"),
         sums=store.url("SHA256SUMS"), manifest=store.url(MANIFEST), name=name, version=version, step=src.step,
         checkpoint=src.uri, encoder=e.weights, dtype=e.dtype, sha256=sha, bytes=size, architecture=arch, seconds=seconds,
+        history=store.url(HISTORY_FILE) if history else None,
     )
 
 
 def _write_beside(out: Path, facts: CardFacts, config: dict[str, Any], weights_sha: str) -> dict[str, str]:
-    """``config.json``, ``README.md`` and ``SHA256SUMS`` next to the weights; returns every file's sha256."""
+    """``config.json``, ``README.md`` and ``SHA256SUMS`` next to the weights (and the history, if
+    written already); returns every file's sha256."""
     (out / "config.json").write_text(_json(config))
     (out / "README.md").write_text(render_card(facts))
     hashes = {WEIGHTS: weights_sha, "config.json": _hash(out / "config.json"), "README.md": _hash(out / "README.md")}
+    if (out / HISTORY_FILE).exists():
+        hashes[HISTORY_FILE] = _hash(out / HISTORY_FILE)
     (out / "SHA256SUMS").write_text(render_sums(hashes))
     hashes["SHA256SUMS"] = _hash(out / "SHA256SUMS")
     return hashes
@@ -242,7 +271,7 @@ def _write_beside(out: Path, facts: CardFacts, config: dict[str, Any], weights_s
 def _publish(out: Path, uri: str, hashes: dict[str, str], f: CardFacts) -> Store:
     """Upload the files, then the manifest that makes them an export (readers trust only what it lists)."""
     store = open_store(uri)
-    for key in (WEIGHTS, "config.json", "README.md", "SHA256SUMS"):
+    for key in hashes:
         store.put_file(key, str(out / key), {"sha256": hashes[key]})
     by_folder, _ = load_call("<local copy of this folder>", f.architecture, f.model_args, f.image_size)
     store.write_manifest(
@@ -266,6 +295,8 @@ def _publish(out: Path, uri: str, hashes: dict[str, str], f: CardFacts) -> Store
             "code_revision": f.code_revision_export,
             "code_revision_train": f.code_revision_train,
             "evaluation": f.evaluation,
+            "init_from": f.init_from,
+            "history_steps": f.history_steps,
             "created": f.created,
             "load": by_folder,
             "files": [{"key": k, "bytes": (out / k).stat().st_size, "sha256": hashes[k]} for k in sorted(hashes)],

@@ -1,7 +1,8 @@
-"""The training loop: it composes the parts (loader, engine, EMA, checkpointer, metrics).
+"""The training loop: it composes the parts (loader, engine, EMA, checkpointer, metrics, history).
 
 Each part owns its policy: the checkpointer decides when to save, the metrics when
-to export, the loader what comes next. The loop only moves batches through the engine.
+to export, the history when to write, the loader what comes next. The loop only moves
+batches through the engine.
 """
 
 from __future__ import annotations
@@ -23,14 +24,15 @@ from m3i.config import Config, to_dict
 from m3i.data import ShardLoader
 from m3i.models import build_model, ema_momentum
 from m3i.revision import code_revision
-from m3i.storage import open_store
+from m3i.storage import StorageError, open_store
 from m3i.train.checkpoint import Checkpointer
 from m3i.train.dist import DistInfo, all_ok, init_distributed
 from m3i.train.ema import EMAUpdater
 from m3i.train.engine import build_engine, peak_lr
+from m3i.train.history import History
 from m3i.transforms import build_transform
 
-__all__ = ["train", "TrainSummary", "Preempted", "TrainingDiverged"]
+__all__ = ["train", "init_backbone", "TrainSummary", "Preempted", "TrainingDiverged"]
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +90,114 @@ def _to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype |
     return out
 
 
+def _vit_facts(vit: torch.nn.Module) -> dict[str, Any]:
+    """What makes two timm ViTs the same encoder, beyond their state dicts' keys and shapes."""
+    return {
+        "depth": len(vit.blocks),
+        "width": int(vit.embed_dim),
+        "heads": int(vit.blocks[0].attn.num_heads) if len(vit.blocks) else 0,
+        "patch size": tuple(vit.patch_embed.patch_size),
+        "image size": tuple(vit.patch_embed.img_size),
+        "global pool": vit.global_pool,
+    }
+
+
+def init_backbone(cfg: Config, model: torch.nn.Module) -> dict[str, Any]:
+    """Load ``cfg.train.init_from``'s encoder into ``model.backbone`` (and the EMA target's backbone).
+
+    Call it before :func:`m3i.train.engine.build_engine`, so that ZeRO partitions the loaded weights.
+    Everything else in ``model`` is left as initialised.
+
+    Args:
+        cfg: The run config; ``train.init_from`` names an ``m3i export`` folder, a checkpoint or a
+            run's output folder, local or ``s3://``.
+        model: The freshly built :class:`m3i.models.M3IModel`.
+
+    Returns:
+        What was loaded, for the checkpoint metadata: ``uri``, ``kind`` (``exported`` or
+        ``checkpoint``), ``name``, ``step`` and ``modules`` (the model's submodules overwritten).
+
+    Raises:
+        ValueError: When ``train.init_from`` holds no export, checkpoint or run, or its encoder is
+            not this run's (the message lists what differs).
+        m3i.storage.StorageError: When storage fails after retries.
+    """
+    from m3i.evaluate.load import CHECKPOINT_MARKER, EXPORT_CONFIG, EXPORT_WEIGHTS, load_encoder
+    from m3i.train.checkpoint import find_latest
+
+    uri = cfg.train.init_from
+    store = open_store(uri)
+    # load_encoder's own refusal names evaluate.model; check here to name the field the user set.
+    if not (store.exists(EXPORT_CONFIG) and store.exists(EXPORT_WEIGHTS)) and not store.exists(CHECKPOINT_MARKER) and find_latest(store.uri) is None:
+        raise ValueError(
+            f"train.init_from={uri!r} holds neither an m3i export ({EXPORT_CONFIG} + {EXPORT_WEIGHTS}), one checkpoint "
+            f"({CHECKPOINT_MARKER}) nor a run output with a complete checkpoint"
+        )
+    enc = load_encoder(store.uri)
+    source = enc.module.state_dict()
+    want = model.backbone.state_dict()
+    facts_src, facts_run = _vit_facts(enc.module), _vit_facts(model.backbone)
+    differ = [f"{k} {facts_src[k]} != {facts_run[k]}" for k in facts_run if facts_src[k] != facts_run[k]]
+    missing, extra = sorted(set(want) - set(source)), sorted(set(source) - set(want))
+    shapes = [f"{k} {tuple(source[k].shape)} != {tuple(v.shape)}" for k, v in want.items() if k in source and source[k].shape != v.shape]
+    if differ or missing or extra or shapes:
+        raise ValueError(
+            f"train.init_from={uri!r} ({enc.kind}, {enc.info.get('architecture', '?')}) does not fit this run's backbone "
+            f"(model.backbone={cfg.model.backbone!r}, model.patch_size={cfg.model.patch_size}, "
+            f"data.image_size={cfg.data.image_size}, model.global_pool={cfg.model.global_pool!r}): source != run: "
+            + "; ".join(differ + ([f"missing keys {missing[:5]}"] if missing else []) + ([f"unexpected keys {extra[:5]}"] if extra else []) + shapes[:5])
+        )
+    targets = {"backbone": model.backbone}
+    if getattr(model, "use_img", False):
+        targets["target.backbone"] = model.target.backbone
+    for module in targets.values():
+        module.load_state_dict(source, strict=True)
+    return {"uri": enc.uri, "kind": enc.kind, "name": enc.name, "step": enc.step, "modules": list(targets)}
+
+
+def _init_on_every_rank(cfg: Config, model: torch.nn.Module, info: DistInfo) -> dict[str, Any]:
+    """:func:`init_backbone` on each rank; all ranks fail together, so none waits in a collective for a failed peer."""
+    err: Exception | None = None
+    loaded: dict[str, Any] = {}
+    try:
+        loaded = init_backbone(cfg, model)
+    except (ValueError, StorageError, OSError) as e:
+        err = e
+    if not all_ok(err is None):
+        raise err or StorageError(f"train.init_from={cfg.train.init_from!r}: loading failed on another rank")
+    if info.is_main:
+        log.info(
+            "train.init_from: %s loaded from %s %s (%s, step %s); the rest of the model starts fresh",
+            " and ".join(loaded["modules"]), loaded["kind"], loaded["uri"], loaded["name"], loaded["step"],
+        )
+    return loaded
+
+
+def _flush_before_checkpoint(history: History | None, step: int) -> None:
+    """Write the history before checkpoint ``step`` (collective): a checkpoint's steps are always in it.
+
+    Raises:
+        StorageError: On every rank when rank 0 could not write it; the checkpoint is then not
+            saved and the previous one stays the latest, as after a failed upload.
+    """
+    err = ""
+    if history is not None:
+        try:
+            history.flush()
+        except (StorageError, OSError) as e:
+            err = str(e)
+    if not all_ok(not err):
+        raise StorageError(f"checkpoint step {step} not saved: writing history.jsonl failed ({err or 'on rank 0'})")
+
+
+def _flush_quietly(history: History) -> None:
+    """Best effort after a failure: the curve up to it helps to see why; the original error matters more."""
+    try:
+        history.flush()
+    except (StorageError, OSError) as e:
+        log.error("history: could not write %d pending rows: %s", history.pending, e)
+
+
 class _SigTerm:
     """Turns SIGTERM into a flag the loop checks between steps."""
 
@@ -106,7 +216,11 @@ class _SigTerm:
 def train(cfg: Config, info: DistInfo | None = None, progress: bool = True) -> TrainSummary:
     """Pre-train with M3I until ``cfg.train.steps``, resuming from the latest checkpoint.
 
-    Run one process per device under torchrun (or a single plain process).
+    Run one process per device under torchrun (or a single plain process). A fresh run starts
+    its backbone from ``train.init_from`` when given. Rank 0 records every optimizer step in
+    ``<train.output>/history.jsonl`` (:mod:`m3i.train.history`): lr, every loss part and monitor
+    of the model, step and data-wait seconds; written before each checkpoint, at the end, after a
+    failure, and at most :data:`m3i.train.history.FLUSH_SECONDS` apart.
 
     Returns:
         The summary of this rank.
@@ -114,7 +228,8 @@ def train(cfg: Config, info: DistInfo | None = None, progress: bool = True) -> T
     Raises:
         Preempted: SIGTERM arrived; a complete checkpoint holds the progress.
         TrainingDiverged: ``train.max_bad_steps`` non-finite losses in a row.
-        ValueError: A bad config value (also for data that does not fit the config).
+        ValueError: A bad config value (also for data that does not fit the config, or a
+            ``train.init_from`` whose encoder is not this run's).
         m3i.storage.StorageError: Storage failed after retries.
     """
     from m3i.metrics import build_metrics
@@ -129,34 +244,41 @@ def train(cfg: Config, info: DistInfo | None = None, progress: bool = True) -> T
     loader = ShardLoader(cfg.data, build_transform(cfg, train=True), rank=info.rank, world_size=info.world_size)
     num_classes = cfg.model.num_classes or loader.num_classes
     model = build_model(cfg, num_classes=num_classes)
+    ckpt = Checkpointer(cfg.checkpoint, cfg.train.output, info, run_id)
+    ref = ckpt.latest() if cfg.checkpoint.resume else None
+    init_from = None
+    if ref is None and cfg.train.init_from:
+        init_from = _init_on_every_rank(cfg, model, info)
+    elif ref is not None and cfg.train.init_from and info.is_main:
+        log.info("train.init_from=%r not used: resuming from this run's checkpoint %s", cfg.train.init_from, ref.tag)
     engine, _, scheduler = build_engine(cfg, model, info.world_size)
     module = engine.module
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
     ema = EMAUpdater(module, zero3=cfg.train.zero_stage == 3, fp32_master=dtype is not None)
-    ckpt = Checkpointer(cfg.checkpoint, cfg.train.output, info, run_id)
     metrics = build_metrics(cfg.metrics, info.rank, info.local_rank, run_id, world_size=info.world_size, model=cfg.model.backbone)
 
     step, resumed_from = 0, None
-    if cfg.checkpoint.resume:
-        ref = ckpt.latest()
-        if ref is not None:
-            client, rank_state = ckpt.load(engine, ref)
-            step = resumed_from = int(client["step"])
-            ema.load_state_dict(client.get("ema", {}))
-            if rank_state is not None:
-                loader.load_state_dict(rank_state["loader"])
-                _set_rng_state(rank_state["rng"])
-            else:  # another world size: same epoch, the same share of it done
-                old = client["loader"]
-                loader.epoch = int(old["epoch"])
-                loader.consumed = min(loader.batches_per_epoch, int(old["batches_consumed"]) * int(old["world_size"]) // info.world_size)
-                log.warning("resumed on %d ranks from a %d-rank checkpoint: data order continues approximately", info.world_size, old["world_size"])
-            if info.is_main:
-                log.info("resumed from %s/%s at step %d", ckpt.store.uri, ref.tag, step)
+    if ref is not None:
+        client, rank_state = ckpt.load(engine, ref)
+        step = resumed_from = int(client["step"])
+        init_from = (client.get("meta") or {}).get("init_from")  # the first attempt's weights stay on record
+        ema.load_state_dict(client.get("ema", {}))
+        if rank_state is not None:
+            loader.load_state_dict(rank_state["loader"])
+            _set_rng_state(rank_state["rng"])
+        else:  # another world size: same epoch, the same share of it done
+            old = client["loader"]
+            loader.epoch = int(old["epoch"])
+            loader.consumed = min(loader.batches_per_epoch, int(old["batches_consumed"]) * int(old["world_size"]) // info.world_size)
+            log.warning("resumed on %d ranks from a %d-rank checkpoint: data order continues approximately", info.world_size, old["world_size"])
+        if info.is_main:
+            log.info("resumed from %s/%s at step %d", ckpt.store.uri, ref.tag, step)
 
-    meta = {"m3i_version": __version__, "code_revision": code_revision(), "run_id": run_id, "config": to_dict(cfg), "num_classes": num_classes, "data_index_sha256": loader.index.raw.get("plan_sha256"), "inputs_sha256": loader.index.raw.get("inputs_sha256")}
+    meta = {"m3i_version": __version__, "code_revision": code_revision(), "run_id": run_id, "config": to_dict(cfg), "num_classes": num_classes, "data_index_sha256": loader.index.raw.get("plan_sha256"), "inputs_sha256": loader.index.raw.get("inputs_sha256"), "init_from": init_from}
+    history = History(cfg.train.output, resumed_from=resumed_from) if info.is_main else None
 
     def save(at: int) -> str:
+        _flush_before_checkpoint(history, at)
         client = {"step": at, "loader": loader.state_dict(), "ema": ema.state_dict(), "meta": meta}
         rank_state = {"loader": loader.state_dict(), "rng": _rng_state()}
         ok = False
@@ -204,6 +326,7 @@ def train(cfg: Config, info: DistInfo | None = None, progress: bool = True) -> T
                     continue
                 bad_streak = 0
                 engine.backward(loss)
+                lr = scheduler.get_last_lr()[0]  # the rate this optimizer step applies; engine.step() moves the schedule on
                 engine.step()
                 micro += 1
                 samples += global_samples
@@ -215,13 +338,17 @@ def train(cfg: Config, info: DistInfo | None = None, progress: bool = True) -> T
                 ema.step(m)
                 last = {k: float(v.detach()) for k, v in parts.items()}
                 branches = {b: int(last.get(f"n_{b}", 0)) * cfg.train.grad_accum for b in ("img", "cls", "txt")}
-                metrics.on_step(step, last, scheduler.get_last_lr()[0], global_samples * cfg.train.grad_accum, time.monotonic() - t0, wait, branch_samples=branches)
+                seconds = time.monotonic() - t0
+                metrics.on_step(step, last, lr, global_samples * cfg.train.grad_accum, seconds, wait, branch_samples=branches)
+                if history is not None:
+                    history.append({"step": step, "time": time.time(), "lr": lr, **last, "step_seconds": seconds, "data_wait_seconds": wait})
+                    history.flush_if_due()
                 metrics.on_data_stats(loader.stats())
                 bar.update(1)
                 if info.is_main and (step % cfg.train.log_every == 0 or step == cfg.train.steps):
                     bar.set_postfix(loss=f"{last['loss']:.4f}", img=f"{last['loss_img']:.3f}", cls=f"{last['loss_cls']:.3f}", txt=f"{last['loss_txt']:.3f}")
                     if not progress:
-                        log.info("step %d/%d loss %.4f (img %.4f cls %.4f txt %.4f) lr %.2e", step, cfg.train.steps, last["loss"], last["loss_img"], last["loss_cls"], last["loss_txt"], scheduler.get_last_lr()[0])
+                        log.info("step %d/%d loss %.4f (img %.4f cls %.4f txt %.4f) lr %.2e", step, cfg.train.steps, last["loss"], last["loss_img"], last["loss_cls"], last["loss_txt"], lr)
                 if not all_ok(not sigterm.received):
                     last_ckpt = save(step)
                     raise Preempted(f"SIGTERM at step {step}; checkpoint {last_ckpt} is complete")
@@ -235,6 +362,8 @@ def train(cfg: Config, info: DistInfo | None = None, progress: bool = True) -> T
     finally:
         bar.close()
         sigterm.restore()
+        if history is not None and history.pending:  # only after a failure: every save flushed before it
+            _flush_quietly(history)
 
     summary = TrainSummary(run_id, step, resumed_from, samples, time.monotonic() - t_start, skipped, last, last_ckpt, loader.stats())
     if info.is_main:
