@@ -1,7 +1,7 @@
-"""``evaluate``: kNN and linear-probe scores of the exported model on the held-out split."""
+"""``evaluate``: kNN and linear-probe scores of the exported model on the held-out split, against random init."""
 
 from kfp import dsl
-from kfp.dsl import Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
+from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
 
 from m3i.pipeline import CPU_IMAGE
 
@@ -21,6 +21,7 @@ def evaluate(
     metrics: Output[Metrics],
     confusion: Output[ClassificationMetrics],
     report: Output[Markdown],
+    figures: Output[HTML],
     results: Output[Artifact],
 ):
     """Scores ``model`` on ``dataset``'s eval split into ``<storage_uri>/evals/<run>``.
@@ -36,9 +37,12 @@ def evaluate(
         finetune_steps: Steps of the optional fine-tune; 0 skips it, -1 keeps the preset's.
         preset: m3i config preset.
         overrides: ``section.key=value`` config overrides.
-        metrics: kNN and linear-probe top-1/top-5, feature spread, sample counts.
+        metrics: kNN and linear-probe top-1/top-5, feature spread, sample counts; the same at random init
+            (``random_init_*``) and the gains over it (``knn_gain_top1``, ``probe_gain_top1``).
         confusion: The linear probe's confusion matrix on the held-out split.
         report: Markdown summary of the scores.
+        figures: One HTML page with the scores, the confusion matrix and the training loss curves
+            (when the model carries its history), the PNGs inline.
         results: metrics.json's content and the URIs of every file written.
     """
     import json
@@ -64,6 +68,8 @@ def evaluate(
     confusion.log_confusion_matrix(r["confusion"]["categories"], r["confusion"]["matrix"])
     with open(report.path, "w") as f:
         f.write(r["report"])
+    with open(figures.path, "w") as f:
+        f.write(r["html"])
     with open(results.path, "w") as f:
         json.dump({"metrics": r["metrics"], "files": r["files"]}, f, indent=2)
     results.metadata.update(r["scalars"])

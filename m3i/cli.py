@@ -217,8 +217,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """kNN and linear probe (and an optional fine-tune) of an exported model or a checkpoint."""
-    from m3i.evaluate import evaluate
+    """kNN and linear probe (and an optional fine-tune) of an exported model or a checkpoint, against random init."""
+    from m3i.evaluate import evaluate, score_lines
 
     extra = [
         *([f"evaluate.model={args.model}"] if args.model else []),
@@ -231,10 +231,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         f"{m['counts']['train']} {m['data']['train_split']} / {m['counts']['eval']} {m['data']['eval_split']} labelled samples, "
         f"{m['num_classes']} classes"
     )
-    for method in ("knn", "probe", "finetune"):
-        if method in m:
-            print(f"  {method:8s} top-1 {100 * m[method]['top1']:6.2f} %  top-5 {100 * m[method]['top5']:6.2f} %")
-    print(f"  feature std {m['feature_std']['eval']:.4f}")
+    for line in score_lines(m):
+        print(f"  {line}")
+    base = m.get("random_init")
+    print(f"  feature std {m['feature_std']['eval']:.4f}" + (f" (random init {base['feature_std']['eval']:.4f})" if base else ""))
+    if base:
+        print(f"  random init: {base['architecture']} seeded with torch.manual_seed({base['seed']}) (seed source: {base['seed_source']})")
+    if "loss_curves.png" in r.files:
+        print(f"  loss curves {r.files['loss_curves.png']}")
     if r.pushed is not None:
         print(f"  pushgateway: {'pushed' if r.pushed else 'push failed (see warning)'}")
     print(f"metrics {r.files['metrics.json']}")

@@ -220,7 +220,8 @@ def test_evaluate_a_checkpoint_writes_every_output(trained, tmp_path, capsys):
 
     out = tmp_path / "eval"
     assert main(_eval_args(trained, str(trained["run"]), out, "--set", "evaluate.finetune_steps=2", "--set", "evaluate.num_workers=2")) == 0
-    assert "knn" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "kNN top-1: random init " in printed and "linear probe top-1: random init " in printed and "fine-tune top-1: " in printed
     m = json.loads((out / "metrics.json").read_text())
     assert m["model"]["kind"] == "checkpoint" and m["model"]["step"] == 2
     assert m["counts"] == {"train": 48, "eval": 16} and m["num_classes"] == 8  # every labelled sample once
@@ -333,13 +334,196 @@ def test_evaluate_a_model_and_write_results_on_s3(trained, tmp_path, s3_bucket):
         assert torch.equal(embed(enc.module, x), embed(load_exported(str(handmade)), x))
 
 
+# ---------------------------------------------------------------------------- random-init baseline, loss curves
+
+
+def _evaluate(trained, model: str, out: Path, *sets: str):
+    """``m3i evaluate`` through the library with the fixture's config (small probe, small batches)."""
+    from m3i.evaluate import evaluate
+
+    overrides = [f"evaluate.model={model}", f"evaluate.out={out}", "evaluate.probe_epochs=10", "evaluate.batch_size=16", *sets]
+    return evaluate(load_config(None, trained["train_yaml"], overrides))
+
+
+def test_random_init_baseline_scores_the_backbone_training_started_from(trained, tmp_path):
+    from m3i.config import Config
+    from m3i.config.core import from_dict
+    from m3i.evaluate import eval_transform, extract_features, read_split_index
+    from m3i.models import build_model
+
+    # The probe's seed (evaluate.seed) differs from train.seed: only the latter may seed the backbone.
+    r = _evaluate(trained, str(trained["run"]), tmp_path / "eval", "evaluate.seed=3")
+    m, base = r.metrics, r.metrics["random_init"]
+    assert set(base) >= {"seed", "seed_source", "knn", "probe", "feature_std"}
+    for key in ("knn", "probe", "feature_std"):
+        assert set(base[key]) == set(m[key]), key
+    manifest = json.loads((trained["run"] / "checkpoints" / "step-00000002" / "complete.json").read_text())
+    cfg = from_dict(Config, manifest["config"])
+    assert (base["seed"], base["seed_source"]) == (cfg.train.seed, "run config")
+
+    # Independently: the model training builds after its seed (the train loop's order), scored the same way.
+    torch.manual_seed(cfg.train.seed)
+    backbone = build_model(cfg, num_classes=manifest["num_classes"]).backbone
+    trained_encoder = load_encoder(str(trained["run"]))
+    assert not torch.equal(backbone.pos_embed, trained_encoder.module.pos_embed)  # not the trained weights
+    index = read_split_index(trained["shards"])
+    view = eval_transform(trained_encoder)
+    train, test = (extract_features(backbone, index, split, view, batch_size=16) for split in ("train", "eval"))
+    want = score_features(train, test, index.classes, EvaluateConfig(probe_epochs=10, seed=3))
+    for key in ("knn", "probe"):
+        got = (base[key]["top1"], base[key]["top5"], base[key]["confusion"])
+        assert got == (want[key]["top1"], want[key]["top5"], want[key]["confusion"]), key
+    assert base["feature_std"] == pytest.approx(want["feature_std"])
+
+    kfp = json.loads((tmp_path / "eval" / "kfp_metrics.json").read_text())
+    for method in ("knn", "probe"):
+        assert kfp[f"random_init_{method}_top1"] == pytest.approx(base[method]["top1"])
+        assert kfp[f"{method}_gain_top1"] == pytest.approx(m[method]["top1"] - base[method]["top1"])
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert f"| linear probe | random init {100 * base['probe']['top1']:.2f} % -> trained {100 * m['probe']['top1']:.2f} % |" in report
+
+
+def test_an_exports_random_init_uses_its_recorded_seed_else_0(trained, tmp_path):
+    import timm
+
+    from m3i.evaluate import random_init
+
+    handmade = _handmade_export(trained, tmp_path / "handmade")
+    enc, ckpt = load_encoder(str(handmade)), load_encoder(str(trained["run"]))
+    assert (enc.seed, enc.seed_source) == (0, "default") and ckpt.seed == 0
+    rng = torch.get_rng_state()
+    a, b = random_init(enc).state_dict(), random_init(ckpt).state_dict()
+    assert torch.equal(rng, torch.get_rng_state())  # the caller's RNG is left alone
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # same architecture, same seed
+
+    (handmade / "export.json").write_text(json.dumps({"seed": 5}))
+    enc = load_encoder(str(handmade))
+    assert (enc.seed, enc.seed_source) == (5, "export.json")
+    config = json.loads((handmade / "config.json").read_text())
+    torch.manual_seed(5)
+    want = timm.create_model(config["architecture"], **{**config["model_args"], "pretrained": False, "num_classes": 0}).state_dict()
+    got = random_init(enc).state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_random_init_off_and_no_history_leave_both_out(trained, tmp_path):
+    assert load_config(None).evaluate.random_init is True
+    out = tmp_path / "eval"
+    r = _evaluate(trained, str(_handmade_export(trained, tmp_path / "handmade")), out, "evaluate.random_init=false")
+    assert "random_init" not in r.metrics and "history" not in r.metrics
+    kfp = json.loads((out / "kfp_metrics.json").read_text())
+    assert "knn_top1" in kfp and not [k for k in kfp if k.startswith("random_init") or "gain" in k]
+    assert not (out / "loss_curves.png").exists() and "loss_curves.png" not in r.files and set(r.figures) == {"confusion.png"}
+    report = (out / "report.md").read_text()
+    assert "random init" not in report and "loss_curves" not in report
+
+
+def test_loss_curves_are_drawn_from_the_models_history(trained, tmp_path):
+    from m3i.evaluate import render_html
+    from m3i.train.history import History
+
+    handmade = _handmade_export(trained, tmp_path / "handmade")
+    history = History(str(handmade))
+    for step in range(1, 31):  # the text branch is off: its loss is 0 at every step
+        history.append({"step": step, "lr": 1e-3, "loss": 3.0 - 0.05 * step, "loss_img": 1.0 - 0.01 * step,
+                        "loss_cls": 2.0 - 0.04 * step, "loss_txt": 0.0})
+    history.flush()
+    out = tmp_path / "eval"
+    r = _evaluate(trained, str(handmade), out, "evaluate.random_init=false")
+    assert r.metrics["history"]["drawn"] == ["loss", "loss_img", "loss_cls"]
+    assert r.metrics["history"]["steps"] == 30 and r.metrics["history"]["last"]["loss"] == pytest.approx(1.5)
+    png = out / "loss_curves.png"
+    assert r.files["loss_curves.png"].endswith("loss_curves.png") and r.figures["loss_curves.png"] == png.read_bytes()
+    with Image.open(png) as img:
+        img.verify()
+        assert img.format == "PNG" and img.width >= 600 and img.height > 3 * 150  # one panel per drawn part
+    assert "![training loss per part against step](loss_curves.png)" in (out / "report.md").read_text()
+    page = render_html(r.metrics, r.figures)  # the KFP HTML artifact: both figures inline
+    assert page.count('src="data:image/png;base64,') == 2
+
+
+def test_a_checkpoints_history_is_its_runs():
+    from m3i.evaluate.load import _run_output
+
+    assert _run_output("/r/run/checkpoints/step-00000002") == "/r/run"
+    assert _run_output("s3://b/runs/a/checkpoints/step-00000002/") == "s3://b/runs/a"
+    assert _run_output("checkpoints/step-00000002") == "."  # evaluated from inside the run's folder
+    assert _run_output("/elsewhere/step-00000002") == ""
+
+
+def test_history_stops_at_the_scored_step_and_a_missing_one_is_empty(tmp_path):
+    from m3i.evaluate import Encoder, find_history
+    from m3i.train.history import History
+
+    history = History(str(tmp_path / "run"))
+    for step in range(1, 21):
+        history.append({"step": step, "loss": 1.0})
+    history.flush()
+    assert [r["step"] for r in find_history(Encoder(None, 32, step=10, history_uri=str(tmp_path / "run")))] == list(range(1, 11))
+    assert len(find_history(Encoder(None, 32, history_uri=str(tmp_path / "run")))) == 20
+    assert find_history(Encoder(None, 32, step=10, history_uri=str(tmp_path / "nothing"))) == []
+    assert find_history(Encoder(None, 32)) == []
+
+
+def test_loss_series_keeps_non_zero_parts_and_skips_missing_values():
+    from m3i.evaluate import loss_series
+
+    rows = [{"step": 1, "loss": 2.0, "loss_img": 0.0, "loss_cls": 1.0}, {"step": 2, "loss": None, "loss_img": 0.0, "loss_cls": 0.5}]
+    assert loss_series(rows) == {"loss": ([1], [2.0]), "loss_cls": ([1, 2], [1.0, 0.5])}
+    assert loss_series([]) == {}
+
+
+def test_report_scalars_and_lines_put_random_init_against_trained():
+    from m3i.evaluate import kfp_scalars, render_report, score_lines
+
+    m = _synthetic_metrics()
+    kfp = kfp_scalars(m)
+    for method in ("knn", "probe"):
+        for key in ("top1", "top5", "mean_class_top1"):
+            assert kfp[f"random_init_{method}_{key}"] == pytest.approx(m["random_init"][method][key])
+        assert kfp[f"{method}_gain_top1"] == pytest.approx(m[method]["top1"] - m["random_init"][method]["top1"])
+    assert kfp["probe_gain_top1"] > 0.3  # class clusters against noise
+    p, b = m["probe"]["top1"], m["random_init"]["probe"]["top1"]
+    assert f"| linear probe | random init {100 * b:.2f} % -> trained {100 * p:.2f} % | {100 * (p - b):+.2f} |" in render_report(m)
+    assert f"linear probe top-1: random init {100 * b:.1f} % -> trained {100 * p:.1f} % ({100 * (p - b):+.1f})" in score_lines(m)[1]
+    m.pop("random_init")
+    assert not [k for k in kfp_scalars(m) if k.startswith("random_init") or "gain" in k]
+    assert "random init" not in render_report(m) + " ".join(score_lines(m))
+    assert score_lines(m, top5=False)[1] == f"linear probe top-1: {100 * p:.1f} %"
+
+
+def test_push_sends_the_baseline_as_methods_of_its_own(monkeypatch):
+    import m3i.evaluate.report as report
+
+    sent = {}
+    monkeypatch.setattr(report, "push_to_gateway", lambda url, job, registry, grouping_key, timeout: sent.update(registry=registry))
+    m = _synthetic_metrics()
+    assert push_metrics("http://pg:9091", m)
+    acc = {
+        (s.labels["method"], s.labels["topk"]): s.value
+        for family in sent["registry"].collect() if family.name == "m3i_evaluate_accuracy_ratio" for s in family.samples
+    }
+    assert {method for method, _ in acc} == {"knn", "probe", "random_init_knn", "random_init_probe"}
+    assert acc[("random_init_probe", "1")] == pytest.approx(m["random_init"]["probe"]["top1"])
+    assert acc[("probe", "1")] == pytest.approx(m["probe"]["top1"])
+
+
 # ---------------------------------------------------------------------------- Pushgateway
 
 
 def _synthetic_metrics() -> dict:
     x, y = clusters(10)
     m = score_features(Features(x, y), Features(x, y), CLASSES, EvaluateConfig(probe_epochs=5))
-    return {**m, "model": {"name": "tiny", "run_id": "run/eval"}}
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(7))  # features that know nothing of the classes
+    base = score_features(Features(noise, y), Features(noise, y), CLASSES, EvaluateConfig(probe_epochs=5))
+    return {
+        **m,
+        "model": {"name": "tiny", "run_id": "run/eval", "uri": "/models/tiny", "kind": "exported", "step": 3},
+        "data": {"shards": "/data/tiny", "train_split": "train", "eval_split": "eval"},
+        "classes": CLASSES,
+        "num_classes": len(CLASSES),
+        "random_init": {"seed": 0, "seed_source": "default", "architecture": "vit", **{k: base[k] for k in ("knn", "probe", "feature_std")}},
+    }
 
 
 def test_push_to_an_unreachable_gateway_only_warns(caplog):
@@ -360,6 +544,7 @@ def test_scores_reach_the_pushgateway(pushgateway):  # noqa: F811 - the fixture
         and labels["model"] == "tiny" and labels["run_id"] == "run/eval"
     }
     want = {(method, k): pytest.approx(metrics[method][f"top{k}"]) for method in ("knn", "probe") for k in ("1", "5")}
+    want |= {(f"random_init_{m}", k): pytest.approx(metrics["random_init"][m][f"top{k}"]) for m in ("knn", "probe") for k in ("1", "5")}
     assert acc == want and acc[("knn", "1")] == 1.0
     samples = {dict(ls)["split"]: v for (name, ls), v in pushed.items() if name == "m3i_evaluate_samples"}
     assert samples == {"train": 100, "eval": 100}

@@ -375,10 +375,41 @@ def test_run_local_end_to_end(tmp_path):
     assert weights.is_file() and model["sha256"] == open_store(model["uri"]).sha256("model.safetensors")
     assert 0.0 <= r.scores["knn_top1"] <= 1.0 and 0.0 <= r.scores["probe_top1"] <= 1.0
     assert r.scores["eval_samples"] > 0
+    assert 0.0 <= r.scores["random_init_knn_top1"] <= 1.0 and "probe_gain_top1" in r.scores
     assert Path(r.artifacts["evaluate/report"]).read_text().startswith("#")
+    # the HTML page: confusion matrix and the loss curves of the history the export carries, inline
+    assert Path(r.artifacts["evaluate/figures"]).read_text().count('src="data:image/png;base64,') == 2
     assert r.storage == str(tmp_path / "w" / "store")
     assert not (tmp_path / "w" / "tmp").exists()  # kfp.local's temp folders are cleaned
     json.dumps(r.manifests)  # manifests are plain JSON
+
+
+def test_run_local_prints_random_init_against_trained(monkeypatch, tmp_path, capsys):
+    """The summary of `m3i pipeline run-local` puts each score next to its random-init baseline."""
+    import m3i.pipeline.local as local
+    from m3i.cli import main
+
+    score = {"top1": 0.85, "top5": 1.0, "mean_class_top1": 0.85}
+    base = {"top1": 0.125, "top5": 0.5, "mean_class_top1": 0.125}
+    metrics = {"knn": score, "probe": {**score, "top1": 0.9}, "counts": {"eval": 16}, "random_init": {"knn": base, "probe": base}}
+    run = local.LocalRun(tmp_path, str(tmp_path / "store"), tmp_path / "kfp", 1.0, manifests={"evaluate/results": {"metrics": metrics}})
+    monkeypatch.setattr(local, "run_local", lambda *a, **kw: run)
+    assert main(["pipeline", "run-local", "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "kNN top-1: random init 12.5 % -> trained 85.0 % (+72.5)" in out
+    assert "linear probe top-1: random init 12.5 % -> trained 90.0 % (+77.5)" in out
+    assert "on 16 held-out images" in out
+
+
+def test_evaluate_step_exposes_the_figures_as_html(compiled):
+    """The evaluate component's outputs: Metrics, ClassificationMetrics, the Markdown report, the HTML figures."""
+    _, spec, _ = compiled
+    outputs = spec["components"]["comp-evaluate"]["outputDefinitions"]["artifacts"]
+    kinds = {name: o["artifactType"]["schemaTitle"] for name, o in outputs.items()}
+    assert kinds == {
+        "metrics": "system.Metrics", "confusion": "system.ClassificationMetrics", "report": "system.Markdown",
+        "figures": "system.HTML", "results": "system.Artifact",
+    }
 
 
 def test_pyproject_lists_every_package():

@@ -33,6 +33,11 @@ class EvaluateConfig:
     knn_temperature: float = 0.07
     """Votes are weighted by ``exp(cosine / T)``. [choice: InstDisc/DINO 0.07]"""
 
+    random_init: bool = True
+    """Also score the same architecture at random init (seeded as training seeds it, see
+    ``metrics.json``'s ``random_init``) with the same eval view, kNN and probe: the baseline the
+    trained scores are read against. Costs a second feature pass over both splits."""
+
     probe_epochs: int = 100
     """Epochs of the linear probe (logistic regression on standardised frozen features)."""
 
@@ -56,7 +61,8 @@ class EvaluateConfig:
 
     out: str = "m3i-data/eval"
     """Where the results go (folder or ``s3://`` prefix): ``metrics.json`` (written last),
-    ``kfp_metrics.json``, ``confusion_matrix.json``, ``confusion.png`` and ``report.md``."""
+    ``kfp_metrics.json``, ``confusion_matrix.json``, ``confusion.png``, ``report.md`` and, when the
+    model's training history is found, ``loss_curves.png``."""
 
     pushgateway: str = ""
     """URL of a Prometheus Pushgateway (``http://host:9091``) that receives the scores; empty is off.

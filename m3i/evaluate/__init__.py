@@ -2,6 +2,7 @@
 
     result = evaluate(load_config("demo", overrides=["evaluate.model=runs/demo", "evaluate.out=runs/demo/eval"]))
     result.metrics["knn"]["top1"], result.metrics["probe"]["top1"]   # fractions in [0, 1]
+    result.metrics["random_init"]["knn"]["top1"]                     # the same architecture at random init
 
 The pieces work on their own too:
 
@@ -12,15 +13,29 @@ The pieces work on their own too:
     scores = score_features(train, test, index.classes, cfg.evaluate)
     votes = knn_scores(train.features, train.labels, test.features, num_classes, k=20, temperature=0.07)
     logits = linear_probe(train.features, train.labels, test.features, num_classes)
+    base = random_init(enc)                           # the architecture as training initialised it
+    rows = find_history(enc)                          # history.jsonl of the run or export; [] when none
 """
 
+from m3i.evaluate.curves import find_history, loss_series
 from m3i.evaluate.features import Features, LabelledSplit, eval_transform, extract_features, labelled_count, read_split_index
 from m3i.evaluate.finetune import finetune
 from m3i.evaluate.knn import knn_scores, topk_accuracy
-from m3i.evaluate.load import Encoder, embed, load_encoder, load_exported, read_exported_config
+from m3i.evaluate.load import Encoder, embed, load_encoder, load_exported, random_init, read_exported_config
 from m3i.evaluate.probe import linear_probe
-from m3i.evaluate.report import EVAL_JOB, METRIC_NAMES, classification_metrics, kfp_scalars, push_metrics, write_outputs
-from m3i.evaluate.run import EvalResult, evaluate, feature_spread, score_features
+from m3i.evaluate.report import (
+    EVAL_JOB,
+    METRIC_NAMES,
+    classification_metrics,
+    kfp_scalars,
+    push_metrics,
+    render_figures,
+    render_html,
+    render_report,
+    score_lines,
+    write_outputs,
+)
+from m3i.evaluate.run import EvalResult, evaluate, feature_spread, score_features, score_random_init
 
 __all__ = [
     "EVAL_JOB",
@@ -34,6 +49,7 @@ __all__ = [
     "eval_transform",
     "evaluate",
     "extract_features",
+    "find_history",
     "feature_spread",
     "finetune",
     "kfp_scalars",
@@ -42,10 +58,17 @@ __all__ = [
     "linear_probe",
     "load_encoder",
     "load_exported",
+    "loss_series",
     "push_metrics",
+    "random_init",
     "read_exported_config",
     "read_split_index",
+    "render_figures",
+    "render_html",
+    "render_report",
     "score_features",
+    "score_lines",
+    "score_random_init",
     "topk_accuracy",
     "write_outputs",
 ]

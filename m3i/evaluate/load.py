@@ -4,6 +4,7 @@
     enc = load_encoder("runs/demo")                                   # a run: its latest complete checkpoint
     enc = load_encoder("runs/demo/checkpoints/step-00000500")         # one checkpoint
     feats = embed(enc.module, images)                                 # [N, 3, S, S] -> [N, D]
+    base = random_init(enc)                                           # same architecture, as training initialised it
 
 Either way the encoder is a plain timm ViT (``num_classes=0``). For a checkpoint it is the
 online encoder (``backbone.*``, the one ``M3IModel.encode`` runs), read in float32 by
@@ -13,11 +14,12 @@ online encoder (``backbone.*``, the one ``M3IModel.encode`` runs), read in float
 
 from __future__ import annotations
 
+import functools
 import logging
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import timm
 import torch
@@ -27,7 +29,7 @@ from m3i.config import Config, from_dict
 from m3i.storage import open_store
 from m3i.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["Encoder", "embed", "load_encoder", "load_exported", "read_exported_config"]
+__all__ = ["Encoder", "embed", "load_encoder", "load_exported", "random_init", "read_exported_config"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,43 @@ class Encoder:
     step: int | None = None
     """Training step of the weights, where known."""
     info: dict[str, Any] = field(default_factory=dict)
+    build: Callable[[], nn.Module] | None = None
+    """Builds the same architecture with fresh weights drawn from the global torch RNG (see :func:`random_init`)."""
+    seed: int = 0
+    """``torch.manual_seed`` that training called before building the model: ``train.seed`` of the run."""
+    seed_source: str = "default"
+    """Where :attr:`seed` comes from: ``run config`` (a checkpoint's ``train.seed``), ``export.json``, or
+    ``default`` (an export that records none: 0)."""
+    history_uri: str = ""
+    """Folder whose ``history.jsonl`` is the training history of these weights: a checkpoint's run
+    output (the folder holding ``checkpoints/``), an export's own folder; empty when there is none."""
+
+
+def random_init(encoder: Encoder) -> nn.Module:
+    """The encoder's architecture at random init, seeded as training seeds it, in eval mode on the CPU.
+
+    Training calls ``torch.manual_seed(train.seed)`` and then builds the model, backbone first
+    (:func:`m3i.train.train`, :class:`m3i.models.M3IModel`), so for a checkpoint this is the
+    backbone the run started from (unless ``train.init_from`` loaded other weights over it). The
+    caller's RNG state is left as it was.
+
+    Raises:
+        ValueError: When the encoder carries no ``build`` (one made by hand).
+    """
+    if encoder.build is None:
+        raise ValueError(f"the encoder from {encoder.uri or 'memory'} cannot be rebuilt at random init: it has no build")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(encoder.seed)
+        module = encoder.build()
+    return module.eval()
+
+
+def _recorded_seed(manifest: dict[str, Any]) -> tuple[int, str]:
+    """The training seed an export's manifest records (``seed``, or ``train.seed`` of a ``train_config``); else 0."""
+    seed = manifest.get("seed")
+    if seed is None:
+        seed = ((manifest.get("train_config") or {}).get("train") or {}).get("seed")
+    return (int(seed), EXPORT_MANIFEST) if isinstance(seed, int) else (0, "default")
 
 
 def embed(module: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -81,6 +120,13 @@ def read_exported_config(uri: str) -> dict[str, Any]:
     return config
 
 
+def _exported_args(config: dict[str, Any]) -> dict[str, Any]:
+    """``timm.create_model`` keyword arguments of an export's ``config.json``."""
+    args = dict(config.get("model_args") or {})
+    args.update(pretrained=False, num_classes=0)
+    return args
+
+
 def load_exported(uri: str) -> nn.Module:
     """A plain timm model from an ``m3i export`` folder, as a user of the export would build it.
 
@@ -94,8 +140,7 @@ def load_exported(uri: str) -> nn.Module:
     from safetensors.torch import load as load_safetensors
 
     config = read_exported_config(uri)
-    args = dict(config.get("model_args") or {})
-    args.update(pretrained=False, num_classes=0)
+    args = _exported_args(config)
     model = timm.create_model(config["architecture"], **args)
     state = load_safetensors(open_store(uri).get_bytes(EXPORT_WEIGHTS))
     try:
@@ -123,6 +168,7 @@ def _encoder_from_export(uri: str) -> Encoder:
     module = load_exported(uri)
     # export.json (the export's manifest) names the model and its provenance; absent in a bare folder.
     manifest = store.read_json(EXPORT_MANIFEST) if store.exists(EXPORT_MANIFEST) else {}
+    seed, seed_source = _recorded_seed(manifest)
     return Encoder(
         module=module,
         **_data_cfg(config, module),
@@ -131,6 +177,10 @@ def _encoder_from_export(uri: str) -> Encoder:
         name=str(manifest.get("name") or config["architecture"]),
         step=manifest.get("step"),
         info={"architecture": config["architecture"], "run_id": manifest.get("run_id", ""), "version": manifest.get("version", "")},
+        build=functools.partial(timm.create_model, config["architecture"], **_exported_args(config)),
+        seed=seed,
+        seed_source=seed_source,
+        history_uri=store.uri,
     )
 
 
@@ -147,6 +197,15 @@ def _group_names(cfg: Config, num_classes: int):
         return [[by_id[id(p)] for p in g["params"]] for g in param_groups(model, cfg.train.weight_decay)]
 
     return names
+
+
+def _run_output(checkpoint_uri: str) -> str:
+    """The run output holding ``checkpoints/step-XXXXXXXX``; empty when the checkpoint lies elsewhere."""
+    from m3i.train.checkpoint import PREFIX
+
+    parent, _, _ = checkpoint_uri.rstrip("/").rpartition("/")
+    run, _, folder = parent.rpartition("/")
+    return (run or ".") if folder == PREFIX else ""
 
 
 def _encoder_from_checkpoint(uri: str) -> Encoder:
@@ -175,6 +234,10 @@ def _encoder_from_checkpoint(uri: str) -> Encoder:
         name=str(src.manifest.get("run_id") or cfg.model.backbone),
         step=src.step,
         info={"architecture": cfg.model.backbone, "run_id": src.manifest.get("run_id", ""), "num_classes": num_classes},
+        build=functools.partial(create_backbone, cfg),
+        seed=cfg.train.seed,
+        seed_source="run config",
+        history_uri=_run_output(src.uri),
     )
 
 

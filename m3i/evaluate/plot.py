@@ -1,13 +1,15 @@
-"""PNG figures drawn with Pillow alone (no plotting library in the images): a confusion matrix, bar charts."""
+"""PNG figures drawn with Pillow alone (no plotting library in the images): a confusion matrix, bar charts,
+line charts (one panel per series: training losses against step)."""
 
 from __future__ import annotations
 
 import io
+import math
 from typing import Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["confusion_png", "bar_chart_png"]
+__all__ = ["bar_chart_png", "confusion_png", "line_chart_png", "smooth"]
 
 _PALETTE = ((66, 133, 244), (219, 68, 55), (244, 180, 0), (15, 157, 88), (171, 71, 188), (0, 172, 193), (255, 112, 67))
 
@@ -158,4 +160,132 @@ def bar_chart_png(
         for xx in (x, x + 10):
             draw.line((xx, height - 25, xx + 6, height - 25), fill=(120, 120, 120), width=1)
         draw.text((x + 22, height - 34), reference_label, fill="black", font=small)
+    return _png(img)
+
+
+def smooth(values: Sequence[float], window: int) -> list[float]:
+    """Centred moving average over ``window`` points (fewer at the ends); no lag, unlike an EMA.
+
+    Args:
+        values: The raw series.
+        window: Points averaged; 1 returns the values.
+
+    Returns:
+        The smoothed series, as long as ``values``.
+    """
+    half = max(0, window // 2)
+    sums = [0.0]
+    for v in values:
+        sums.append(sums[-1] + v)
+    n = len(values)
+    return [(sums[min(n, i + half + 1)] - sums[max(0, i - half)]) / (min(n, i + half + 1) - max(0, i - half)) for i in range(n)]
+
+
+def _nice_ticks(lo: float, hi: float, n: int = 4, min_step: float = 0.0) -> list[float]:
+    """About ``n`` round tick values between ``lo`` and ``hi``, at least ``min_step`` apart."""
+    span = hi - lo
+    if span <= 0:
+        return [lo]
+    raw = span / n
+    mag = 10 ** math.floor(math.log10(raw))
+    step = max(min_step, next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= 0.8 * raw))
+    first = math.ceil(lo / step) * step
+    return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
+
+
+def _tick_label(v: float, step: float) -> str:
+    """``v`` with as many decimals as the tick step needs (2.5 -> one, 0.25 -> two)."""
+    if step < 1e-6:
+        return f"{v:.3g}"
+    digits = f"{step:.6f}".rstrip("0").rstrip(".")
+    return f"{v:.{len(digits.split('.')[1]) if '.' in digits else 0}f}"
+
+
+def line_chart_png(
+    series: dict[str, tuple[Sequence[float], Sequence[float]]],
+    *,
+    title: str = "",
+    xlabel: str = "step",
+    window: int | None = None,
+) -> bytes:
+    """One panel per series, stacked, sharing the x axis: the raw line in a light shade, a smoothed one over it.
+
+    Each panel has its own y range (loss parts differ in scale by orders of magnitude).
+
+    Args:
+        series: ``{name: (xs, ys)}`` in drawing order; every series non-empty.
+        title: Caption above the first panel.
+        xlabel: Caption of the shared x axis.
+        window: Points of the smoothed line's moving average (see :func:`smooth`); ``None`` takes
+            a twentieth of the series (no smoothed line under 60 points).
+
+    Returns:
+        PNG bytes.
+
+    Raises:
+        ValueError: When ``series`` is empty, or a series is empty or its x and y lengths differ.
+    """
+    if not series:
+        raise ValueError("line_chart_png needs at least one series")
+    for name, (xs, ys) in series.items():
+        if not xs or len(xs) != len(ys):
+            raise ValueError(f"series {name!r} has {len(xs)} x and {len(ys)} y values; need as many of each, at least one")
+    font, small = _font(15), _font(12)
+    width, panel_h, gap = 720, 150, 34
+    left, right = 80, width - 20
+    top0 = 40 if title else 14
+    height = top0 + len(series) * (panel_h + gap) + 30
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    if title:
+        draw.text((left, 10), title, fill="black", font=font)
+    x_lo = min(min(xs) for xs, _ in series.values())
+    x_hi = max(max(xs) for xs, _ in series.values())
+    x_span = (x_hi - x_lo) or 1.0
+
+    def x_of(v: float) -> float:
+        return left + (right - left) * (v - x_lo) / x_span
+
+    x_ticks = _nice_ticks(x_lo, x_hi, 6, min_step=1.0) if x_hi > x_lo else [x_lo]  # steps are whole numbers
+    for p, (name, (xs, ys)) in enumerate(series.items()):
+        colour = _PALETTE[p % len(_PALETTE)]
+        light = tuple(int(c + (255 - c) * 0.65) for c in colour)
+        top = top0 + p * (panel_h + gap) + 18
+        bottom = top + panel_h
+        lo, hi = min(ys), max(ys)
+        pad = (hi - lo) * 0.05 or abs(hi) * 0.05 or 1.0
+        lo, hi = lo - pad, hi + pad
+
+        def y_of(v: float) -> float:
+            return bottom - (bottom - top) * (v - lo) / (hi - lo)
+
+        y_ticks = _nice_ticks(lo, hi, 4)
+        y_step = y_ticks[1] - y_ticks[0] if len(y_ticks) > 1 else abs(hi - lo)
+        for v in y_ticks:
+            y = y_of(v)
+            draw.line((left, y, right, y), fill=(230, 230, 230))
+            label = _tick_label(v, y_step)
+            draw.text((left - 6 - _text_w(draw, label, small), y - 7), label, fill="black", font=small)
+        for v in x_ticks:
+            draw.line((x_of(v), top, x_of(v), bottom), fill=(240, 240, 240))
+        draw.rectangle((left, top, right, bottom), outline=(150, 150, 150))
+        w = window if window is not None else (len(ys) // 20 if len(ys) >= 60 else 1)
+        points = [(x_of(x), y_of(y)) for x, y in zip(xs, ys)]
+        if len(points) == 1:
+            x, y = points[0]
+            draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
+        elif w > 1:
+            draw.line(points, fill=light, width=1)
+            draw.line([(x_of(x), y_of(y)) for x, y in zip(xs, smooth(ys, w))], fill=colour, width=2)
+        else:
+            draw.line(points, fill=colour, width=2)
+        last = f"last {ys[-1]:.4g}"
+        draw.text((left, top - 17), name, fill=colour, font=font)
+        draw.text((right - _text_w(draw, last, small), top - 15), last, fill=(90, 90, 90), font=small)
+        if p == len(series) - 1:
+            x_step = x_ticks[1] - x_ticks[0] if len(x_ticks) > 1 else 1.0
+            for v in x_ticks:
+                label = _tick_label(v, x_step)
+                draw.text((x_of(v) - _text_w(draw, label, small) / 2, bottom + 4), label, fill="black", font=small)
+            draw.text((right - _text_w(draw, xlabel, small), bottom + 18), xlabel, fill=(90, 90, 90), font=small)
     return _png(img)

@@ -1,11 +1,12 @@
-"""``m3i evaluate``: load the encoder, embed both splits, score kNN and a linear probe, write and push."""
+"""``m3i evaluate``: load the encoder, embed both splits, score kNN and a linear probe against the same
+architecture at random init, draw the training loss curves, write and push."""
 
 from __future__ import annotations
 
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -13,14 +14,16 @@ from torch.nn import functional as F
 
 from m3i import __version__
 from m3i.config import Config, EvaluateConfig
+from m3i.evaluate.curves import find_history, history_summary, loss_series
 from m3i.evaluate.features import Features, eval_transform, extract_features, read_split_index
 from m3i.evaluate.finetune import finetune
 from m3i.evaluate.knn import knn_scores
-from m3i.evaluate.load import load_encoder
+from m3i.evaluate.load import Encoder, load_encoder, random_init
 from m3i.evaluate.probe import linear_probe
-from m3i.evaluate.report import classification_metrics, push_metrics, write_outputs
+from m3i.evaluate.report import BASELINE, classification_metrics, push_metrics, render_figures, write_outputs
+from m3i.shard.index import ShardIndex
 
-__all__ = ["EvalResult", "evaluate", "feature_spread", "score_features"]
+__all__ = ["EvalResult", "evaluate", "feature_spread", "score_features", "score_random_init"]
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,8 @@ class EvalResult:
     """``{file name: URI}`` of the outputs."""
     pushed: bool | None = None
     """Whether the Pushgateway push succeeded; ``None`` when it is off."""
+    figures: dict[str, bytes] = field(default_factory=dict)
+    """``{file name: PNG bytes}`` of the figures written (``confusion.png``, ``loss_curves.png``)."""
 
 
 def feature_spread(features: torch.Tensor) -> float:
@@ -85,11 +90,39 @@ def score_features(train: Features, test: Features, classes: Sequence[str], cfg:
     }
 
 
+def score_random_init(encoder: Encoder, index: ShardIndex, transform: Any, cfg: EvaluateConfig) -> dict[str, Any]:
+    """The baseline: the encoder's architecture at random init, scored as the trained encoder is.
+
+    Seeded as training seeds it (:func:`m3i.evaluate.random_init`), embedded with the same eval
+    view, scored with the same kNN and probe settings (:func:`score_features`).
+
+    Returns:
+        ``{"seed", "seed_source", "architecture", "knn", "probe", "feature_std", "seconds"}``, ``knn``,
+        ``probe`` and ``feature_std`` as :func:`score_features` returns them.
+    """
+    t0 = time.monotonic()
+    module = random_init(encoder)
+    kw = {"batch_size": cfg.batch_size, "num_workers": cfg.num_workers}
+    train = extract_features(module, index, cfg.train_split, transform, **kw)
+    test = extract_features(module, index, cfg.eval_split, transform, **kw)
+    scores = score_features(train, test, index.classes, cfg)
+    return {
+        "seed": encoder.seed,
+        "seed_source": encoder.seed_source,
+        "architecture": encoder.info.get("architecture", ""),
+        **{k: scores[k] for k in ("knn", "probe", "feature_std")},
+        "seconds": time.monotonic() - t0,
+    }
+
+
 def evaluate(cfg: Config) -> EvalResult:
     """Score ``cfg.evaluate.model`` on the labelled samples of ``cfg.data.shards``.
 
     The model's own image size and normalisation are used (from the checkpoint's run config or
-    the export's ``config.json``), not ``data.image_size``.
+    the export's ``config.json``), not ``data.image_size``. With ``evaluate.random_init`` the same
+    architecture at random init is scored too (``metrics["random_init"]``, see
+    :func:`score_random_init`). When the model's training history is found (``history.jsonl`` in the
+    run output of a checkpoint or in the export folder) its loss curves are drawn.
 
     Returns:
         The :class:`EvalResult`; the files are under ``cfg.evaluate.out``.
@@ -127,6 +160,13 @@ def evaluate(cfg: Config) -> EvalResult:
         **score_features(train, test, index.classes, e),
     }
     metrics["seconds"].update(load=t_load - t0, features=train.seconds + test.seconds)
+    if e.random_init:
+        metrics[BASELINE] = score_random_init(encoder, index, transform, e)
+        metrics["seconds"][BASELINE] = metrics[BASELINE]["seconds"]
+        log.info(
+            "random init (seed %d): kNN top-1 %.3f, probe top-1 %.3f", metrics[BASELINE]["seed"],
+            metrics[BASELINE]["knn"]["top1"], metrics[BASELINE]["probe"]["top1"],
+        )
     if e.finetune_steps:
         t = time.monotonic()
         tuned = finetune(encoder.module, index, e, transform, encoder.image_size)
@@ -135,7 +175,11 @@ def evaluate(cfg: Config) -> EvalResult:
             "steps": e.finetune_steps, "lr": e.finetune_lr, "batch_size": e.batch_size,
         }
         metrics["seconds"]["finetune"] = time.monotonic() - t
+    history = find_history(encoder)
+    if history:
+        metrics["history"] = history_summary(encoder.history_uri, history, loss_series(history))
+    figures = render_figures(metrics, history)
     metrics["seconds"]["total"] = time.monotonic() - t0
-    files = write_outputs(e.out, metrics)
+    files = write_outputs(e.out, metrics, figures)
     pushed = push_metrics(e.pushgateway, metrics) if e.pushgateway else None
-    return EvalResult(metrics, files, pushed)
+    return EvalResult(metrics, files, pushed, figures)

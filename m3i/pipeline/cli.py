@@ -87,12 +87,13 @@ def cmd_run_local(args: argparse.Namespace) -> int:
         print(f"             checkpoint {run['checkpoint']}")
     if model:
         print(f"  model      {model['uri']} (timm {model['architecture']}, sha256 {model['sha256'][:16]})")
-    if r.scores:
-        s = r.scores
-        print(
-            f"  scores     kNN top-1 {100 * s['knn_top1']:.1f} %  linear probe top-1 {100 * s['probe_top1']:.1f} %  "
-            f"({int(s['eval_samples'])} held-out images)"
-        )
+    evaluation = r.manifests.get("evaluate/results", {}).get("metrics")
+    if evaluation:
+        from m3i.evaluate.report import score_lines
+
+        print(f"  scores     on {evaluation['counts']['eval']} held-out images:")
+        for line in score_lines(evaluation, top5=False):
+            print(f"             {line}")
     print("  artifacts (kfp.local):")
     for key, path in sorted(r.artifacts.items()):
         print(f"    {key:20s} {path}")

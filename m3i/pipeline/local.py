@@ -48,6 +48,7 @@ class LocalRun:
     """Where kfp.local keeps each task's artifacts (the small JSON manifests, metrics, report)."""
     seconds: float
     scores: dict[str, float] = field(default_factory=dict)
+    """The evaluate step's KFP scalars (``knn_top1``, ``random_init_knn_top1``, ``knn_gain_top1``, ...)."""
     artifacts: dict[str, str] = field(default_factory=dict)
     """``task/output`` -> local path of that artifact."""
     manifests: dict[str, Any] = field(default_factory=dict)
@@ -144,7 +145,7 @@ def _collect(result: LocalRun) -> None:
             try:
                 result.manifests[key] = json.loads(path.read_text())
             except (ValueError, UnicodeDecodeError):
-                pass  # the Markdown report
+                pass  # the Markdown and HTML reports
     doc = result.manifests.get("evaluate/results")
     if isinstance(doc, dict) and "metrics" in doc:
         from m3i.evaluate.report import kfp_scalars

@@ -16,7 +16,7 @@ Storage layout under the pipeline's ``storage_uri``:
     datasets/<digest16>/    shards + index.json; digest of the input listing and shard settings
     runs/<run>/             checkpoints, summary.json (one per pipeline run)
     models/<name>/<version> exported backbone (m3i export)
-    evals/<run>/            metrics.json, report.md, confusion matrix (m3i evaluate)
+    evals/<run>/            metrics.json, report.md, confusion matrix, loss curves (m3i evaluate)
 """
 
 from __future__ import annotations
@@ -409,11 +409,13 @@ def evaluate_model(
     ``evaluate`` section unless 0, 0 and -1.
 
     Returns:
-        ``metrics`` (metrics.json), ``scalars`` (flat, for KFP Metrics), ``confusion``
-        (``categories`` + ``matrix``), ``report`` (Markdown text) and ``files`` (URIs).
+        ``metrics`` (metrics.json), ``scalars`` (flat, for KFP Metrics, with the random-init
+        baseline and the gains), ``confusion`` (``categories`` + ``matrix``), ``report`` (Markdown
+        text), ``html`` (one page with the scores and the figures inline: confusion matrix, loss
+        curves when the model's history was found) and ``files`` (URIs).
     """
     from m3i.evaluate import evaluate
-    from m3i.evaluate.report import kfp_scalars, render_report
+    from m3i.evaluate.report import kfp_scalars, render_html, render_report
 
     sets = [f"evaluate.model={model_uri}", f"data.shards={dataset_uri}", f"evaluate.out={out_uri}"]
     sets += [f"evaluate.k={k}"] if k > 0 else []
@@ -427,6 +429,7 @@ def evaluate_model(
         "scalars": kfp_scalars(m),
         "confusion": {"categories": list(m["classes"]), "matrix": m["probe"]["confusion"]},
         "report": render_report(m),
+        "html": render_html(m, r.figures),
         "files": dict(r.files),
         "pushed": r.pushed,
     }
