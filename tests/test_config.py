@@ -6,7 +6,7 @@ from m3i.config import Config, DataConfig, ShardConfig, list_presets, load_confi
 def test_presets_ship_and_load():
     assert {"default", "demo"} <= set(list_presets())
     cfg = load_config("demo")
-    assert cfg.data.image_size == 64 and cfg.shard.max_samples_per_shard == 256
+    assert cfg.data.image_size == 32 and cfg.model.global_pool == "max" and cfg.shard.max_samples_per_shard == 256
     assert isinstance(load_config(), Config)
 
 

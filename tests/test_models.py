@@ -27,6 +27,7 @@ from m3i.models import (
     encoder_tokens,
     patch_tokens,
     pool_tokens,
+    same_image_mask,
     resolve_backbone,
 )
 from m3i.models.text_encoder import OpenClipTextEncoder, build_text_encoder
@@ -404,10 +405,10 @@ def test_mixed_input_holds_a_on_visible_and_b_on_masked_patches(monkeypatch):
     seen: list[torch.Tensor] = []
     real = m3i_module.encoder_tokens
 
-    def spy(backbone, images, keep=None):
+    def spy(backbone, images, keep=None, attn_mask=None):
         if backbone is model.backbone:
             seen.append(images.detach().clone())
-        return real(backbone, images, keep)
+        return real(backbone, images, keep, attn_mask)
 
     monkeypatch.setattr(m3i_module, "encoder_tokens", spy)
     model(batch)
@@ -416,3 +417,29 @@ def test_mixed_input_holds_a_on_visible_and_b_on_masked_patches(monkeypatch):
     pixel_mask = batch["mask"][:3].view(3, 1, 4, 4).repeat_interleave(8, 2).repeat_interleave(8, 3)
     b_side = torch.cat([batch["v1"][3:], torch.zeros_like(batch["v1"][:1])])
     assert torch.equal(x, torch.where(pixel_mask, b_side, batch["v1"][:3]))
+
+
+def test_separate_attention_keeps_each_image_of_a_mixed_input_to_itself():
+    """With mix_attention=separate, image A's tokens do not change when B's pixels do."""
+    bb = create_backbone(tiny_cfg("model.drop_path=0")).eval()
+    groups = torch.zeros(1, 16, dtype=torch.long)
+    groups[0, 8:] = 1
+    mask = same_image_mask(groups, bb.num_prefix_tokens)
+    assert mask.shape == (1, 1, 16 + bb.num_prefix_tokens, 16 + bb.num_prefix_tokens)
+    x = torch.randn(1, 3, 32, 32)
+    y = x.clone()
+    y[:, :, 16:] = torch.randn(1, 3, 16, 32)  # rows 2-3 of the 4 x 4 grid: patches 8-15, image B
+    with torch.no_grad():
+        a_x = encoder_tokens(bb, x, attn_mask=mask)[:, bb.num_prefix_tokens :][:, :8]
+        a_y = encoder_tokens(bb, y, attn_mask=mask)[:, bb.num_prefix_tokens :][:, :8]
+        joint = encoder_tokens(bb, y)[:, bb.num_prefix_tokens :][:, :8]
+    # the class token is shared, so A hears B only through it; without it A is untouched
+    if bb.num_prefix_tokens == 0:
+        assert torch.allclose(a_x, a_y, atol=1e-5)
+    assert (a_x - a_y).abs().max() < (a_x - joint).abs().max()
+    cfg = tiny_cfg("objective.mix_attention=separate")
+    model = build_model(cfg, num_classes=4)
+    out = model(make_batch(cfg, 4))
+    assert torch.isfinite(out["loss"])
+    with pytest.raises(ValueError, match="objective.mix_attention='both'"):
+        tiny_cfg("objective.mix_attention=both")

@@ -139,6 +139,11 @@ class ObjectiveConfig:
     mask_ratio: float = 0.6
     """Fraction of v1's patches masked block-wise (with mixing: given to the partner image). [sim: 118/196]"""
 
+    mix_attention: str = "joint"
+    """With ``mix_images``: ``joint`` lets every patch of a mixed input attend to both images;
+    ``separate`` keeps each image's patches to its own (as MixMIM's masked self-attention), so
+    neither image's embedding sees the other. [choice]"""
+
     mask_min_block: int = 16
     """Fewest patches in one masked block (capped at the masked count on small grids). [sim/BEiT: 16]"""
 
@@ -197,6 +202,7 @@ class ObjectiveConfig:
             check_range(s, name, getattr(self, name), 0.0)
         check_range(s, "mask_ratio", self.mask_ratio, 0.0, 1.0, lo_open=True, hi_open=True)
         check_range(s, "mix_keep", self.mix_keep, 0.0, 1.0, lo_open=True, hi_open=True)
+        check_choice(s, "mix_attention", self.mix_attention, ("joint", "separate"))
         check_range(s, "mask_min_block", self.mask_min_block, 1)
         check_range(s, "label_smoothing", self.label_smoothing, 0.0, 1.0, hi_open=True)
         check_positive(s, "temperature_init", self.temperature_init)

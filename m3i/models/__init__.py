@@ -22,7 +22,7 @@ from m3i.models.registry import (
     resolve_backbone,
 )
 from m3i.models.text_encoder import TextEncoder
-from m3i.models.vit import encoder_tokens, patch_tokens, pool_tokens
+from m3i.models.vit import encoder_tokens, patch_tokens, pool_tokens, same_image_mask
 
 __all__ = [
     "BackboneSpec",
@@ -41,6 +41,7 @@ __all__ = [
     "encoder_tokens",
     "patch_tokens",
     "pool_tokens",
+    "same_image_mask",
     "position_features",
     "register_model",
     "resolve_backbone",

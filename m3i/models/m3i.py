@@ -34,7 +34,7 @@ from m3i.models.heads import Predictor, Projector
 from m3i.models.pos_embed import grid_positions, view_positions
 from m3i.models.registry import create_backbone
 from m3i.models.text_encoder import build_text_encoder
-from m3i.models.vit import encoder_tokens, pool_tokens
+from m3i.models.vit import encoder_tokens, pool_tokens, same_image_mask
 
 __all__ = ["M3IModel"]
 
@@ -253,7 +253,8 @@ class M3IModel(nn.Module):
         px = m_a.view(p, 1, *self.grid).repeat_interleave(ps, dim=2).repeat_interleave(ps, dim=3)  # [p, 1, H, W]
         x = torch.where(px, b_img, v1[:p])  # [p, 3, H, W]
 
-        z = encoder_tokens(self.backbone, x)  # [p, P+L, D]
+        attn = same_image_mask(m_a.long(), self.backbone.num_prefix_tokens) if self.objective.mix_attention == "separate" else None
+        z = encoder_tokens(self.backbone, x, attn_mask=attn)  # [p, P+L, D]
         emb = torch.cat([pool_tokens(self.backbone, z, ~m_a), pool_tokens(self.backbone, z[:pb], m_a[:pb])])  # [N, D]
         z = z[:, self.backbone.num_prefix_tokens :]  # [p, L, D]
         h = self.projector(z)  # [p, L, Dp]

@@ -11,16 +11,38 @@ import torch
 from timm.models import VisionTransformer
 from timm.models._manipulate import checkpoint_seq
 
-__all__ = ["encoder_tokens", "patch_tokens", "pool_tokens"]
+__all__ = ["encoder_tokens", "patch_tokens", "pool_tokens", "same_image_mask"]
 
 
-def encoder_tokens(backbone: VisionTransformer, images: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+def same_image_mask(groups: torch.Tensor, prefix: int) -> torch.Tensor:
+    """Attention mask that keeps each image of a mixed input to its own patches.
+
+    Args:
+        groups: ``[N, L]`` which image each patch belongs to (e.g. 0 for A, 1 for B).
+        prefix: Prefix (class/register) tokens in front of the patches; they see and are seen by all.
+
+    Returns:
+        ``BoolTensor[N, 1, P + L, P + L]``, ``True`` where a query may attend to a key.
+    """
+    n, length = groups.shape
+    g = torch.cat([groups.new_full((n, prefix), -1), groups], dim=1)  # [N, P+L]
+    allowed = (g[:, :, None] == g[:, None, :]) | (g[:, :, None] < 0) | (g[:, None, :] < 0)
+    return allowed[:, None]
+
+
+def encoder_tokens(
+    backbone: VisionTransformer,
+    images: torch.Tensor,
+    keep: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Output tokens of ``backbone``, prefix (class/register) tokens first, after the final ``norm``.
 
     Args:
         backbone: A timm ViT (its ``norm`` is the identity when it pools with ``fc_norm``).
         images: ``[N, 3, H, W]``.
         keep: ``[N, K]`` indices of the patches to run (row-major), or ``None`` for all.
+        attn_mask: ``[N, 1, P + K, P + K]`` boolean mask of allowed attention (see :func:`same_image_mask`).
 
     Returns:
         ``[N, P + K, D]`` (``[N, P + L, D]`` when ``keep`` is ``None``), ``P = backbone.num_prefix_tokens``.
@@ -33,7 +55,10 @@ def encoder_tokens(backbone: VisionTransformer, images: torch.Tensor, keep: torc
         patches = x[:, prefix:].gather(1, keep[..., None].expand(-1, -1, d))  # [N, K, D]
         x = torch.cat([x[:, :prefix], patches], dim=1)
     x = backbone.norm_pre(x)
-    if backbone.grad_checkpointing and torch.is_grad_enabled():
+    if attn_mask is not None:
+        for blk in backbone.blocks:
+            x = blk(x, attn_mask=attn_mask)
+    elif backbone.grad_checkpointing and torch.is_grad_enabled():
         x = checkpoint_seq(backbone.blocks, x)
     else:
         x = backbone.blocks(x)
