@@ -81,7 +81,7 @@ def test_refuses_a_root_with_foreign_data(tmp_path):
 
 def test_layout_counts_and_balance(demo):
     root, paths = demo
-    assert set(paths) == {"labelled", "captions", "unlabelled", "eval", "manifest"}
+    assert set(paths) == {"labelled", "captions", "unlabelled", "eval", "attributes", "manifest"}
     assert all(Path(p).is_absolute() and Path(p).exists() for p in paths.values())
 
     for kind, count in (("labelled", SMALL.labelled), ("eval", SMALL.eval)):
@@ -92,7 +92,7 @@ def test_layout_counts_and_balance(demo):
     assert len(list((root / "unlabelled").glob("*.jpg"))) == SMALL.unlabelled
     assert len(list((root / "captioned").glob("*.jpg"))) == SMALL.captioned
 
-    with Image.open(next((root / "labelled" / "star").glob("*.png"))) as im:
+    with Image.open(next((root / "labelled" / "ring").glob("*.png"))) as im:
         assert (im.format, im.mode, im.size) == ("PNG", "RGB", (SMALL.size, SMALL.size))
     with Image.open(next((root / "unlabelled").glob("*.jpg"))) as im:
         assert im.format == "JPEG"
@@ -120,15 +120,32 @@ def test_captions_jsonl(demo):
         assert re.search(r"\b(small|large)\b", caption), caption
 
 
-def test_draw_scene_caption_names_its_shape():
+def test_attributes_jsonl_describes_every_image(demo):
+    root, paths = demo
+    rows = [json.loads(line) for line in Path(paths["attributes"]).read_text().splitlines()]
+    assert len(rows) == SMALL.labelled + SMALL.captioned + SMALL.unlabelled + SMALL.eval
+    images = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.suffix in (".png", ".jpg")}
+    assert {r["image"] for r in rows} == images
+    captions = {json.loads(line)["image"]: json.loads(line)["caption"] for line in Path(paths["captions"]).read_text().splitlines()}
+    for r in rows:
+        assert set(r) == {"image", "source", "shape", "colour", "size", "position"}
+        assert r["shape"] in CLASSES and r["colour"] in COLOURS and r["size"] in ("small", "large")
+        if r["source"] in ("labelled", "eval"):
+            assert r["image"].split("/")[1] == r["shape"]  # the class folder is the shape
+        if r["source"] == "captioned":  # the caption states this row's colour, size and position
+            c = captions[r["image"]]
+            assert r["colour"] in c and r["size"] in c and r["position"] in c, (r, c)
+
+
+def test_draw_scene_caption_never_names_its_shape():
     forms = set()
     seen = set()
     for i in range(200):
         image, label, caption = draw_scene(random.Random(f"scene/{i}"), 48)
         assert 0 <= label < len(CLASSES)
         assert image.mode == "RGB" and image.size == (48, 48)
-        named = [c for c in CLASSES if re.search(rf"\b{c}\b", caption)]
-        assert named == [CLASSES[label]], caption
+        # labels and captions carry different facts: the shape is the label's alone
+        assert not [c for c in CLASSES if re.search(rf"\b{c}\b", caption)], caption
         seen.add(label)
         forms.add(caption.split()[0])
     assert seen == set(range(len(CLASSES)))
@@ -151,7 +168,7 @@ def test_eval_images_never_equal_training_images(demo):
     [
         ({"labelled": -1}, ("labelled", "-1")),
         ({"captioned": -3}, ("captioned", "-3")),
-        ({"eval": 3}, ("eval", "3", "8")),
+        ({"eval": 3}, ("eval", "3", "6")),
         ({"size": 8}, ("size", "8", "16", "512")),
         ({"size": 1024}, ("size", "1024")),
         ({"unlabelled": 1.5}, ("unlabelled", "1.5")),
