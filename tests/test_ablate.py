@@ -1,125 +1,235 @@
-"""`m3i ablate`: every arm trains and is scored, the report and plot are written, re-runs reuse results."""
+"""`m3i ablate`: arms run through `m3i train`, every checkpoint is scored per attribute, the report and curves are
+written, re-runs skip finished arms; the verdict's arithmetic on hand-made numbers."""
 
 from __future__ import annotations
 
 import json
+import math
+import random
+from pathlib import Path
 
 import pytest
-import torch
-from PIL import Image
+import yaml
+from PIL import Image, ImageDraw
 
 from m3i import ablate
-from m3i.config import load_config
-from tests.helpers import TINY_TRAIN, shard_small, small_demo, write_train_config
+from m3i.attributes import ATTRIBUTES_FILE, build_attribute_sets, read_attributes
+from m3i.config import ShardConfig, load_config
+
+# A model and images small enough for a few-second `m3i train` on one CPU thread.
+TINY = {
+    "data": {"image_size": 16, "batch_size": 4, "num_workers": 0, "shuffle_buffer": 4},
+    "model": {
+        "backbone": "m3i_vit_micro", "patch_size": 8, "embed_dim": 16, "proj_dim": 16, "projector_depth": 0,
+        "predictor_depth": 1, "predictor_heads": 2, "text_encoder": "byte", "text_width": 16, "text_depth": 1,
+        "text_heads": 2, "text_max_len": 48,
+    },
+    "train": {"warmup_steps": 0, "log_every": 1},
+    "shard": {"workers": 1, "max_samples_per_shard": 16},
+    "evaluate": {"probe_epochs": 5, "k": 5},
+}
+COUNTS = {"labelled": 16, "captioned": 8, "unlabelled": 8, "eval": 8}
+VALUES = {"shape": ("circle", "square"), "colour": ("red", "blue"), "size": ("small", "large"), "position": ("left", "right")}
+RGB = {"red": (220, 40, 40), "blue": (40, 60, 220)}
+
+
+def write_demo_root(root: Path) -> Path:
+    """A demo-like root: the four sources as `m3i demo-data` lays them out, and attributes.jsonl (2 values each)."""
+    rows, captions = [], []
+    for source, n in COUNTS.items():
+        for i in range(n):
+            rng = random.Random(f"{source}/{i}")
+            a = {k: v[rng.randrange(2)] for k, v in VALUES.items()}
+            a["shape"] = VALUES["shape"][i % 2]  # labelled and eval: both classes in every split
+            img = Image.new("RGB", (16, 16), (235, 235, 235))
+            r = 3 if a["size"] == "small" else 6
+            cx = 5 if a["position"] == "left" else 11
+            box = (cx - r, 8 - r, cx + r, 8 + r)
+            draw = ImageDraw.Draw(img)
+            (draw.ellipse if a["shape"] == "circle" else draw.rectangle)(box, fill=RGB[a["colour"]])
+            rel = f"{source}/{a['shape']}/{i:06d}.png" if source in ("labelled", "eval") else f"{source}/{i:06d}.png"
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            img.save(root / rel)
+            rows.append({"image": rel, "source": source, **a})
+            if source == "captioned":
+                captions.append({"image": rel, "caption": f"a {a['size']} {a['colour']} thing on the {a['position']}"})
+    (root / ATTRIBUTES_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "captions.jsonl").write_text("".join(json.dumps(c) + "\n" for c in captions))
+    return root
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ablate")
-    shards = str(root / "shards")
-    shard_small(small_demo(root / "raw"), shards)
-    cfg = write_train_config(
-        root / "c.yaml", shards, str(root / "unused"), train={"warmup_steps": 0}, data={"num_workers": 0},
-        evaluate={"probe_epochs": 10},
-    )
-    return root, cfg
+    base = tmp_path_factory.mktemp("ablate")
+    root = write_demo_root(base / "raw")
+    cfg = base / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(TINY))
+    return base, root, cfg
 
 
-def _args(root, cfg, *extra: str) -> list[str]:
+def _args(base, root, cfg, *extra: str) -> list[str]:
     return [
-        "-q", "ablate", "--config", str(cfg), "--steps", "4", "--workdir", str(root / "work"), "--doc", str(root / "docs" / "ablation.md"),
-        *extra,
+        "-q", "ablate", "--config", str(cfg), "--demo-root", str(root), "--steps", "4", "--curve-every", "2", "--seeds", "0",
+        "--variants", "m3i", "two_stage", "--attributes", "shape", "colour", "--workdir", str(base / "work"),
+        "--doc", str(base / "docs" / "ablation.md"), *extra,
     ]
 
 
 @pytest.mark.slow
-def test_ablation_runs_every_arm_and_writes_the_report(setup, monkeypatch):
+def test_ablation_trains_every_arm_through_m3i_train_and_scores_its_curve(setup, monkeypatch):
     from m3i.cli import main
+    from m3i.train.checkpoint import find_latest
 
-    root, cfg = setup
-    assert main(_args(root, cfg, "--seeds", "0", "1")) == 0
-    results = json.loads((root / "work" / "results.json").read_text())
-    (runs,) = results.values()
-    assert sorted((r["variant"], r["seed"]) for r in runs) == sorted((v, s) for v in ablate.VARIANTS for s in (0, 1))
-    assert all(0 <= r["knn_top1"] <= 1 and 0 <= r["probe_top1"] <= 1 for r in runs)
-    assert {"stage1_loss_img", "stage2_loss_cls"} <= set(next(r for r in runs if r["variant"] == "two_stage")["losses"])
-    doc = (root / "docs" / "ablation.md").read_text()
-    for v in ablate.VARIANTS:
-        assert f"(`{v}`)" in doc
-    assert "m3i ablate" in doc and "± " in doc and "## Verdict" in doc
-    with Image.open(root / "docs" / "ablation.png") as img:
-        assert img.format == "PNG"
+    base, root, cfg = setup
+    assert main(_args(base, root, cfg)) == 0
+    results = json.loads((base / "work" / "results.json").read_text())
+    ((key, runs),) = results.items()
+    assert sorted((r["variant"], r["seed"]) for r in runs) == [("m3i", 0), (ablate.RANDOM, 0), ("two_stage", 0)]
+    by = {r["variant"]: r for r in runs}
+    for v in ("m3i", "two_stage"):
+        assert set(by[v]["curve"]) == {"shape", "colour"}
+        for points in by[v]["curve"].values():
+            assert [p["step"] for p in points] == [0, 2, 4]
+            assert all(0 <= p["knn_top1"] <= 1 and 0 <= p["probe_top1"] <= 1 for p in points)
+        # step 0 is the seed's random init, the same for every arm
+        assert by[v]["curve"]["shape"][0] == by[ablate.RANDOM]["curve"]["shape"][0]
+    run = base / "work" / "runs" / key
+    assert by["m3i"]["outputs"] == [str(run / "m3i-s0")] and find_latest(str(run / "m3i-s0")).step == 4
+    stage1, stage2 = (run / "two_stage-s0" / f"stage{i}" for i in (1, 2))
+    assert by["two_stage"]["stage_steps"] == [2, 2] and find_latest(str(stage1)).step == 2
+    s2 = find_latest(str(stage2))
+    assert s2.step == 2 and s2.manifest["init_from"]["uri"].startswith(str(stage1))
+    s2cfg = s2.manifest["config"]
+    assert (s2cfg["objective"]["use_img"], s2cfg["objective"]["use_cls"], s2cfg["objective"]["use_txt"]) == (False, True, True)
+    assert s2cfg["data"]["sources"] == ["labelled", "captioned"] and s2cfg["train"]["seed"] == s2cfg["data"]["seed"] == 0
+    assert {"stage1_loss_img", "stage2_loss_cls", "stage2_loss_txt"} <= set(by["two_stage"]["losses"])
+    assert "m3i train" in (run / "m3i-s0" / "train.log").read_text()
 
-    # A re-run with the same settings trains nothing and keeps the hand-written notes.
-    (root / "docs" / "ablation.md").write_text(doc + "\n## Notes\n\nWhat we tried.\n")
-    monkeypatch.setattr(ablate, "train_run", lambda *a, **k: pytest.fail("a finished run was trained again"))
-    assert main(_args(root, cfg, "--seeds", "0", "1")) == 0
-    assert (root / "docs" / "ablation.md").read_text().rstrip().endswith("## Notes\n\nWhat we tried.")
+    doc = (base / "docs" / "ablation.md").read_text()
+    for heading in ("### shape (chance 50.0 %)", "### colour (chance 50.0 %)", "## Verdict (computed)"):
+        assert heading in doc
+    assert "| random init (step 0) |" in doc and "| M3I (all three) (`m3i`) |" in doc and "(`two_stage`)" in doc
+    assert "- **shape**, linear probe: M3I" in doc and "t n/a with one seed" in doc
+    assert "![linear-probe top-1 against step, one panel per attribute, mean over seeds](ablation_curves.png)" in doc
+    with Image.open(base / "docs" / "ablation_curves.png") as img:
+        assert img.format == "PNG" and img.height > 300
+
+    # A re-run with the same settings trains and scores nothing and keeps the hand-written notes.
+    (base / "docs" / "ablation.md").write_text(doc + "\n## Notes\n\nWhat we tried.\n")
+    monkeypatch.setattr(ablate, "run_arm", lambda job: pytest.fail(f"finished arm {job.variant} was run again"))
+    assert main(_args(base, root, cfg)) == 0
+    assert (base / "docs" / "ablation.md").read_text().rstrip().endswith("## Notes\n\nWhat we tried.")
+    monkeypatch.undo()
+
+    # Complete checkpoints without a results entry: scored again, not trained again.
+    results[key] = [r for r in runs if r["variant"] != "m3i"]
+    (base / "work" / "results.json").write_text(json.dumps(results))
+    monkeypatch.setattr(ablate, "_train", lambda *a: pytest.fail("an arm with a complete final checkpoint was trained again"))
+    assert main(_args(base, root, cfg)) == 0
+    rescored = {r["variant"]: r for r in json.loads((base / "work" / "results.json").read_text())[key]}["m3i"]
+    assert rescored["trained_stages"] == [] and rescored["curve"] == by["m3i"]["curve"]
 
 
-@pytest.mark.slow
-def test_two_stage_starts_stage_two_from_the_stage_one_backbone(setup, monkeypatch):
-    _, path = setup
-    cfg = load_config(None, path)
-    calls = []
-    real = ablate.train_run
+def test_stages_become_m3i_train_overrides():
+    assert ablate.stage_steps("two_stage", 5) == [2, 3] and ablate.stage_steps("m3i", 5) == [5]
+    s1, s2 = ablate.VARIANTS["two_stage"].stages
+    over = ablate.stage_overrides(s2, seed=3, steps=3, output="/w/two_stage-s3/stage2", curve_every=2, init_from="/w/two_stage-s3/stage1")
+    cfg = load_config("demo", overrides=over)
+    assert (cfg.objective.use_img, cfg.objective.use_cls, cfg.objective.use_txt) == (False, True, True)
+    assert cfg.data.sources == ("labelled", "captioned") and cfg.data.seed == cfg.train.seed == 3
+    assert cfg.train.init_from == "/w/two_stage-s3/stage1" and cfg.train.steps == 3 and cfg.train.output == "/w/two_stage-s3/stage2"
+    assert cfg.checkpoint.interval_steps == 2 and cfg.checkpoint.keep_last >= 2
+    cfg = load_config("demo", overrides=["train.init_from=elsewhere", *ablate.stage_overrides(s1, seed=0, steps=2, output="o", curve_every=1)])
+    assert cfg.train.init_from == "" and (cfg.objective.use_img, cfg.objective.use_cls) == (True, False)
+    assert cfg.data.sources == ("labelled", "captioned", "unlabelled")
 
-    def spy(stage_cfg, init_backbone=None):
-        model, losses = real(stage_cfg, init_backbone)
-        calls.append((stage_cfg, init_backbone, {k: v.clone() for k, v in model.backbone.state_dict().items()}))
-        return model, losses
 
-    monkeypatch.setattr(ablate, "train_run", spy)
-    result = ablate.run_one(cfg, "two_stage", seed=3, steps=5)
-    (c1, init1, end1), (c2, init2, _) = calls
-    assert init1 is None and (c1.train.steps, c2.train.steps) == (2, 3)
-    assert (c1.objective.use_img, c1.objective.use_cls, c1.objective.use_txt) == (True, False, False)
-    assert (c2.objective.use_img, c2.objective.use_cls, c2.objective.use_txt) == (False, True, False)
-    assert c2.data.sources == ("labelled",) and c1.data.seed == c2.data.seed == 3
-    assert init2.keys() == end1.keys() and all(torch.equal(init2[k], end1[k]) for k in end1)
-    assert result["variant"] == "two_stage" and result["steps"] == 5
+def test_attribute_sets_relabel_the_labelled_and_eval_images(setup):
+    from m3i.evaluate import read_split_index
+
+    base, root, _ = setup
+    out = base / "attr-test"
+    sets = build_attribute_sets(root, out, ["colour", "position"], ShardConfig(workers=1))
+    rows = read_attributes(root)
+    for a in ("colour", "position"):
+        index = read_split_index(sets[a])
+        assert index.classes == sorted({r[a] for r in rows if r["source"] in ("labelled", "eval")})
+        assert index.raw["splits"]["train"]["sources"] == {"labelled": COUNTS["labelled"]}
+        assert index.raw["splits"]["eval"]["sources"] == {"labelled": COUNTS["eval"]}
+    links = sorted((out / "colour" / "images" / "eval").rglob("*.png"))
+    assert len(links) == COUNTS["eval"] and all(p.is_symlink() and p.resolve().is_relative_to(root.resolve()) for p in links)
+    with pytest.raises(ValueError, match="attribute 'texture' is missing"):
+        build_attribute_sets(root, out, ["texture"], ShardConfig(workers=1))
 
 
 def test_bad_arguments_are_value_errors(setup, tmp_path):
-    _, path = setup
-    cfg = load_config(None, path)
+    base, root, path = setup
+    cfg = load_config("demo", path)
+    kw = dict(demo_root=str(root), seeds=[0], steps=10, curve_every=5, workdir=str(tmp_path))
     with pytest.raises(ValueError, match="variant 'mae'"):
-        ablate.run_ablation(cfg, variants=["mae"], seeds=[0], steps=10, workdir=str(tmp_path))
+        ablate.run_ablation(cfg, variants=["mae"], **kw)
     with pytest.raises(ValueError, match="train.warmup_steps=5"):
-        ablate.run_ablation(load_config(None, path, ["train.warmup_steps=5"]), variants=["m3i"], seeds=[0], steps=10, workdir=str(tmp_path))
+        ablate.run_ablation(load_config("demo", path, ["train.warmup_steps=5"]), variants=["two_stage"], **kw)
+    with pytest.raises(ValueError, match="has no labelled; write the demo data"):
+        ablate.run_ablation(cfg, variants=["m3i"], **{**kw, "demo_root": str(tmp_path)})
+    with pytest.raises(ValueError, match="has no attributes.jsonl"):
+        read_attributes(tmp_path)
 
 
-def _fake(variant: str, seed: int, knn: float, probe: float) -> dict:
-    return {"variant": variant, "seed": seed, "steps": 10, "knn_top1": knn, "probe_top1": probe, "knn_top5": 0.9,
-            "probe_top5": 0.9, "feature_std": 0.5, "losses": {}, "train_seconds": 1.0, "eval_seconds": 1.0,
-            "started_unix": 100.0 + seed, "finished_unix": 102.0 + seed}
-
-
-def test_verdict_says_when_m3i_does_not_win():
-    cfg = load_config(None, overrides=[f"{k}.{kk}={vv}" for k, v in TINY_TRAIN.items() for kk, vv in v.items() if k in ("model",)])
-    results = [_fake("m3i", s, 0.30 + 0.01 * s, 0.40) for s in range(3)] + [_fake("cls", s, 0.50, 0.35 + 0.01 * s) for s in range(3)]
-    results.append(_fake("img", 0, 0.31, 0.30))
-    results.append(_fake("img", 1, 0.29, 0.32))
-    doc = ablate.render_markdown(
-        results, cfg, variants=["m3i", "cls", "img"], seeds=[0, 1, 2], steps=10, command="m3i ablate", num_classes=8,
-        png_name="ablation.png",
+def test_verdict_arithmetic_on_hand_made_numbers():
+    img, cls, txt = [20.0, 21.0, 22.0], [40.0, 41.0, 42.0], [31.0, 31.0]
+    c_img, c_cls, c_txt = ablate.compare([30.0, 31.0, 32.0], {"img": img, "cls": cls, "txt": txt})
+    assert (c_img.rival, c_img.diff, c_img.crit) == ("img", 10.0, 2.78)
+    assert c_img.t == pytest.approx(10 / math.sqrt(2 / 3)) and c_img.reached and c_img.clear
+    assert c_cls.diff == -10.0 and not c_cls.reached and c_cls.clear
+    # equal means, against 2 seeds without spread: t = 0, 3 degrees of freedom
+    assert (c_txt.diff, c_txt.t, c_txt.crit, c_txt.reached, c_txt.clear) == (0.0, 0.0, 3.18, True, False)
+    line = ablate.verdict_line("shape", "kNN", [c_img, c_cls, c_txt])
+    assert line.startswith("- **shape**, kNN: M3I does **not** reach `cls`. Against `img` +10.0 points (t = 12.25, a clear")
+    assert "`cls` -10.0 points (t = -12.25, a clear difference (|t| > 2.78))" in line
+    assert "`txt` +0.0 points (t = 0.00, not a clear difference (|t| > 3.18))" in line
+    (only,) = ablate.compare([30.0], {"two_stage": [29.0]})
+    assert only.t is None and only.reached and not only.clear
+    assert ablate.verdict_line("colour", "linear probe", [only]) == (
+        "- **colour**, linear probe: M3I reaches every other arm. Against `two_stage` +1.0 points (t n/a with one seed)."
     )
-    assert "| M3I (all three) (`m3i`) | 31.0 ± 1.0 | 40.0 ± 0.0 |" in doc
-    assert "kNN: M3I does **not** win: `cls` is best, M3I is 19.0 points behind; t = -32.91" in doc
-    assert "linear probe: M3I has the best mean, 4.0 points above the best other arm `cls`; t = 6.93" in doc
-    assert "a clear difference at the two-sided 5 % level (|t| > 2.78)" in doc
-    # M3I against an arm of 2 seeds with the same mean: no clear difference
+
+
+def _entry(variant: str, seed: int, probe: list[float], knn: float = 0.5) -> dict:
+    steps = [0, 2, 4][-len(probe):] if variant != ablate.RANDOM else [0]
+    curve = [{"step": s, "knn_top1": knn, "probe_top1": p, "feature_std": 0.5, "classes": 2} for s, p in zip(steps, probe)]
+    return {"variant": variant, "seed": seed, "steps": 4, "curve": {"shape": curve}, "train_seconds": 1.0, "eval_seconds": 1.0,
+            "started_unix": 100.0 + seed, "finished_unix": 160.0 + seed}
+
+
+def test_report_tables_and_curves_from_hand_made_results():
+    results = [_entry(ablate.RANDOM, s, [0.5]) for s in (0, 1)]
+    results += [_entry("m3i", s, [0.5, 0.6, 0.70 + 0.02 * s]) for s in (0, 1)]
+    results += [_entry("cls", s, [0.5, 0.7, 0.80 + 0.02 * s], knn=0.4) for s in (0, 1)]
+    ab = ablate.Ablation(results, "abc123", load_config("demo"), {"shape": ["circle", "square"]}, {"labelled": 16})
     doc = ablate.render_markdown(
-        [r for r in results if r["variant"] != "cls"], cfg, variants=["m3i", "img"], seeds=[0, 1, 2], steps=10,
-        command="m3i ablate", num_classes=8, png_name="ablation.png",
+        ab, variants=["m3i", "cls"], seeds=[0, 1], steps=4, curve_every=2, attributes=["shape"], command="m3i ablate",
+        png_name="ablation_curves.png",
     )
-    assert "kNN: M3I has the best mean, 1.0 points above the best other arm `img`" in doc
-    assert "not a clear difference at the two-sided 5 % level (|t| > 3.18)" in doc
+    assert "| random init (step 0) | 50.0 ± 0.0 | 50.0 ± 0.0 | 0.500 | 50.0, 50.0 |" in doc
+    assert "| M3I (all three) (`m3i`) | 50.0 ± 0.0 | 71.0 ± 1.4 | 0.500 | 70.0, 72.0 |" in doc
+    assert "- **shape**, linear probe: M3I does **not** reach `cls`. Against `cls` -10.0 points (t = -7.07" in doc
+    assert "- **shape**, kNN: M3I reaches every other arm. Against `cls` +10.0 points (t = inf, a clear" in doc
+    curves = ablate.mean_curves(results, ["m3i", "cls"], "shape")
+    assert curves["m3i"] == ([0, 2, 4], [50.0, 60.0, pytest.approx(71.0)])
+    png = ablate.curves_png({"shape": curves, "colour": curves}, {"shape": 50.0, "colour": 50.0}, title="t")
+    import io
+
+    with Image.open(io.BytesIO(png)) as img:
+        assert img.format == "PNG" and img.size[0] == 760
 
 
 def test_results_of_other_settings_in_the_same_workdir_are_kept(tmp_path):
     path = tmp_path / "results.json"
-    ablate._save_result(path, "a", _fake("m3i", 0, 0.2, 0.2))
-    ablate._save_result(path, "b", _fake("cls", 0, 0.3, 0.3))  # another ablation, e.g. run at the same time
-    assert [r["variant"] for r in ablate._save_result(path, "a", _fake("m3i", 1, 0.2, 0.2))] == ["m3i", "m3i"]
+    ablate._save_result(path, "a", _entry("m3i", 0, [0.2]))
+    ablate._save_result(path, "b", _entry("cls", 0, [0.3]))  # another ablation, e.g. run at the same time
+    assert [r["variant"] for r in ablate._save_result(path, "a", _entry("m3i", 1, [0.2]))] == ["m3i", "m3i"]
+    # the same arm and seed again (re-scored) replaces its entry
+    runs = ablate._save_result(path, "a", _entry("m3i", 0, [0.9]))
+    assert sorted((r["seed"], r["curve"]["shape"][-1]["probe_top1"]) for r in runs) == [(0, 0.9), (1, 0.2)]
     assert set(json.loads(path.read_text())) == {"a", "b"}
