@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 from m3i.config import Config, load_config
 from m3i.models import backbone_kwargs, build_model
-from m3i.text import ByteTokenizer
+from m3i.text import build_tokenizer
 from m3i.transforms import block_mask, num_masked
 
 
@@ -57,7 +57,7 @@ def make_batch(cfg: Config, args: argparse.Namespace, device: torch.device) -> d
     cls[:n_cls] = torch.randint(0, args.classes, (n_cls,), generator=g)
     has_txt = torch.zeros(n, dtype=torch.bool)
     has_txt[n_cls : n_cls + n_txt] = True  # disjoint from the labelled ones, as in the shards
-    tok = ByteTokenizer(cfg.model.text_max_len)
+    tok = build_tokenizer(cfg.model)
     words = "a photo of the red small large circle square in on top left corner centre with "
     text = (words * (args.caption_bytes // len(words) + 1))[: args.caption_bytes]
     tokens = tok.encode_batch([text if h else "" for h in has_txt.tolist()])

@@ -41,8 +41,9 @@ class ModelConfig:
     drop_path: float = 0.0
     """Stochastic depth rate of the online encoder (the EMA target never drops). [sim: 0]"""
 
-    proj_dim: int = 512
-    """Width of the projector output, the predictor and the dense image targets. [sim: 512]"""
+    proj_dim: int = 768
+    """Width of the projector output, the predictor and the dense image targets.
+    [sim: ``--decoder_embed_dim 768`` in the ViT-B/16 pre-training script; the argparse default is 512]"""
 
     projector_depth: int = 2
     """Transformer blocks after the projector's linear map (shared by the EMA target).
@@ -168,8 +169,9 @@ class ObjectiveConfig:
     temperature_min: float = 0.01
     """Floor of the learned temperature (logit scale at most 1/this). [choice: CLIP's 100]"""
 
-    crop_scale: tuple[float, float] = (0.2, 1.0)
-    """Area fraction range of each random resized crop. [sim: crop_min 0.2]"""
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    """Area fraction range of each random resized crop. [sim: ``--crop_min 0.08`` in the ViT-B/16
+    pre-training script]"""
 
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     """Aspect ratio range of each random resized crop. [sim]"""

@@ -27,9 +27,11 @@ class TrainConfig:
     grad_accum: int = 1
     """Micro-batches per optimizer step on each rank (``data.batch_size`` is the micro-batch)."""
 
-    lr: float = 1.5e-4
-    """Peak learning rate at a global batch of 256 images; scaled linearly with the real global batch.
-    [sim: 6.25e-5 x 4096/256 = 1e-3 at 4096; ours is higher for short runs]"""
+    lr: float = 6.25e-5
+    """Peak learning rate at a global batch of 256 images; scaled linearly with the real global batch
+    (``lr x batch / 256``, as MAE and SiameseIM's ``--blr``). [sim: ``--blr 6.25e-5`` in
+    configs/pretrain/dist_sim_base_1600ep.sh, ViT-B/16, 1e-3 at a batch of 4096; the ``demo`` preset
+    uses 2e-3 for 300 steps from scratch]"""
 
     min_lr: float = 1e-6
     """Learning rate at the end of the cosine decay."""
