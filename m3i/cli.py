@@ -5,9 +5,9 @@
     m3i train     [--preset P] [--config F] [--set train.k=v]   (one rank; torchrun for more)
     m3i export    [--preset P] [--config F] [--set export.k=v] [--checkpoint URI] [--out URI]
     m3i evaluate  [--preset P] [--config F] [--set evaluate.k=v] [--model URI] [--out URI]
-    m3i ablate    [--preset demo] [--steps N] [--seeds 0 1 2] [--variants ...]   M3I vs each branch -> docs/ablation.md
+    m3i ablate    --demo-root DIR [--preset demo] [--steps N] [--seeds 0 1 2] [--curve-every K]   M3I vs each branch -> docs/ablation.md
     m3i launch    [--scheduler local_cwd|kubernetes] [--kind volcano|pytorchjob] [--dryrun] [-- train args]
-    m3i demo      demo data -> shards -> one loader pass -> 2-process training, on this machine
+    m3i demo      demo data -> shards -> one loader pass -> training (the preset's processes), on this machine
     m3i pipeline  compile | upload | run | schedule | params | run-local   (the Kubeflow pipeline m3i-pretrain)
 
 Every stage takes ``--preset``, ``--config FILE`` and repeated ``--set section.key=value``.
@@ -296,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add_ablate_parser(sub, _config_args)
     p.set_defaults(func=cmd_ablate)
 
-    p = sub.add_parser("demo", help="demo data -> shards -> loader pass -> 2-process training, on this machine")
+    p = sub.add_parser("demo", help="demo data -> shards -> loader pass -> training, on this machine")
     _config_args(p, default_preset="demo")
     p.add_argument("--workdir", default="m3i-data", help="where the demo writes (default: %(default)s)")
     p.set_defaults(func=cmd_demo)

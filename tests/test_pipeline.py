@@ -364,7 +364,8 @@ def test_run_local_end_to_end(tmp_path):
     r = run_local(
         tmp_path / "w",
         arguments={"steps": 4, "probe_epochs": 5},
-        overrides=["checkpoint.interval_steps=2", "data.num_workers=0"],
+        # two processes: the demo preset trains in one, the pipeline must carry any count
+        overrides=["checkpoint.interval_steps=2", "data.num_workers=0", "launch.nproc_per_node=2", "data.batch_size=16"],
         demo_size=32,
     )
     assert set(r.manifests) >= {"shard/dataset", "train/checkpoint", "export/model", "evaluate/results"}
