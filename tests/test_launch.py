@@ -284,7 +284,7 @@ def test_strict_schema_catches_misspelled_fields():
 PROBE = """
 import json, os, sys
 if "--fail" in sys.argv:
-    sys.exit(3)
+    raise RuntimeError(f"probe rank {os.environ['RANK']} was told to fail")
 import torch
 import torch.distributed as dist
 dist.init_process_group("gloo")
@@ -328,8 +328,12 @@ def test_local_cwd_runs_two_ranks(tmp_path, monkeypatch):
         assert rec["AWS_ACCESS_KEY_ID"] == "inherited-from-the-shell" and rec["M3I_PROBE"] == "yes"
         assert os.path.samefile(rec["cwd"], tmp_path)
 
-    failed = launch(cfg, ["--out", str(out), "--fail"], module="m3i_launch_probe", wait_interval=0.2, log=io.StringIO())
+    log = io.StringIO()
+    failed = launch(cfg, ["--out", str(out), "--fail"], module="m3i_launch_probe", wait_interval=0.2, log=log)
     assert (failed.state, failed.exit_code) == ("FAILED", 1)
+    # after torchrun's report, the rank's own error, once per replica
+    tail = log.getvalue().splitlines()[-1]
+    assert re.fullmatch(r"m3i launch: m3i/0 failed with: .*RuntimeError: probe rank [01] was told to fail", tail), log.getvalue()[-2000:]
 
 
 # --- config validation and CLI ------------------------------------------------------------------
@@ -403,3 +407,88 @@ def test_cli_dryrun_prints_a_valid_pytorchjob(capsys):
     assert job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 1
     (c,) = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"]
     assert c["command"][-5:] == ["train", "--preset", "default", *METRICS_SET]
+
+
+# --- what m3i launch hands to m3i train ---------------------------------------------------------
+
+
+def _volcano_command(argv: list[str], capsys) -> list[str]:
+    from m3i.cli import main
+
+    assert main(["launch", "--scheduler", "kubernetes", "--dryrun", *argv]) == 0
+    job = yaml.safe_load(capsys.readouterr().out)
+    (c,) = pods(job)[0]["spec"]["containers"]
+    script = c["command"][-1] if c["command"][0] == "bash" else " ".join(c["command"])
+    return script.split()
+
+
+def test_launch_config_options_reach_every_rank(tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("launch:\n  nodes: 2\nobjective:\n  crop_scale: [0.5, 1.0]\n  mix_images: false\ndata:\n  shards: s3://b/ds\n")
+    cmd = _volcano_command(
+        ["--preset", "demo", "--config", str(cfg), "--set", "train.steps=7", "--set", "launch.gpus_per_node=0",
+         "--", "--set", "train.lr=1e-4"],
+        capsys,
+    )
+    text = " ".join(cmd)
+    i = cmd.index("train")
+    # the preset, the file's non-launch sections (as --set: pods cannot read this machine's files),
+    # the non-launch --set, then what came after `--`, then the metrics port
+    assert cmd[i + 1 : i + 3] == ["--preset", "demo"]
+    for pair in ("objective.crop_scale=[0.5,", "objective.mix_images=false", "data.shards=s3://b/ds", "train.steps=7"):
+        assert pair in text, (pair, text)
+    assert "launch." not in text.replace("m3i-launch", "")
+    assert text.index("train.steps=7") < text.index("train.lr=1e-4") < text.index("metrics.port=")
+    assert str(cfg) not in text
+
+
+def test_local_launch_forwards_the_config_file_by_path(tmp_path):
+    from m3i.launch.cli import forwarded_train_args
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("train:\n  steps: 3\n")
+    args = argparse.Namespace(preset="demo", config=str(cfg), overrides=["launch.nodes=1", "data.batch_size=8"])
+    assert forwarded_train_args(args, "local_cwd") == ["--preset", "demo", "--config", str(cfg.resolve()), "--set", "data.batch_size=8"]
+    assert forwarded_train_args(args, "kubernetes") == ["--preset", "demo", "--set", "train.steps=3", "--set", "data.batch_size=8"]
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--set", "train.stepz=3"], "unknown key(s) ['stepz']"),
+        (["--", "--set", "model.bogus=1"], "m3i train would refuse its arguments"),
+        (["--", "--preset", "nope"], "preset='nope' does not exist"),
+        (["--", "--set", "train.steps=0"], "train.steps=0"),
+    ],
+)
+def test_launch_refuses_a_bad_train_config_before_starting(argv, needle, capsys):
+    from m3i.cli import main
+
+    assert main(["launch", "--nproc-per-node", "2", *argv]) == 2  # not a dry run: nothing may start
+    assert needle in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_readme_launch_line_trains_the_preset_in_two_processes(tmp_path):
+    """`m3i launch --preset demo --nproc-per-node 2` for real: the preset reaches both ranks."""
+    from tests.conftest import free_port
+    from tests.helpers import shard_small, small_demo, train_env
+
+    shards, out = tmp_path / "shards", tmp_path / "run"
+    shard_small(small_demo(tmp_path / "raw"), str(shards))
+    sets = [f"data.shards={shards}", f"train.output={out}", "train.steps=2", "data.batch_size=8", "data.num_workers=0",
+            "checkpoint.interval_steps=2", f"launch.metrics_port={free_port()}", f"launch.rdzv_port={free_port()}"]
+    cmd = [sys.executable, "-m", "m3i", "launch", "--preset", "demo", "--nproc-per-node", "2", *[a for s in sets for a in ("--set", s)]]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=train_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:  # never leave trainers behind a failed test
+            os.killpg(proc.pid, 9)
+            proc.wait()
+    assert proc.returncode == 0, output[-4000:]
+    meta = json.loads((out / "checkpoints" / "step-00000002" / "complete.json").read_text())
+    assert meta["world_size"] == 2
+    assert meta["config"]["model"]["global_pool"] == "max" and meta["config"]["data"]["image_size"] == 32  # the demo preset
+    assert meta["config"]["train"]["steps"] == 2

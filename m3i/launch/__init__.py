@@ -16,6 +16,7 @@ Targets (``launch.scheduler`` / ``launch.kind``):
 
 from __future__ import annotations
 
+import re
 import sys
 import threading
 from dataclasses import dataclass
@@ -28,6 +29,11 @@ from m3i.config.launch import LaunchConfig
 __all__ = ["LaunchConfig", "LaunchResult", "build_appdef", "launch", "render", "to_yaml"]
 
 _OK_STATES = ("DRYRUN", "SUBMITTED", "SUCCEEDED")
+
+# A rank's own last word: m3i's one-line errors, or the last line of a Python traceback.
+# torchelastic's ChildFailedError report, which names no cause, is not one.
+_ERROR_LINE = re.compile(r"^(?:\[[^\]]*\]:?\s*)?(m3i [a-z-]+: (?:error|failed): .*|(?:[A-Za-z_][\w.]*\.)?\w*(?:Error|Exception)(?::.*)?)$")
+_NOT_A_CAUSE = ("ChildFailedError", "torch.distributed.elastic")
 
 
 def __getattr__(name: str) -> Any:
@@ -158,10 +164,12 @@ def _run_local(
             return LaunchResult(cfg.scheduler, "DRYRUN", rendered=str(runner.dryrun(app, "local_cwd", cfg={})))
         handle = runner.run(app, "local_cwd", cfg={})
         role = app.roles[0]
+        out = log or sys.stdout
+        last_errors: dict[int, str] = {}
         # local_cwd writes each replica's output to files in a temp folder it deletes on close:
         # tail them while the job runs.
         tails = [
-            threading.Thread(target=_tail, args=(runner, handle, role.name, k, log or sys.stdout), daemon=True)
+            threading.Thread(target=_tail, args=(runner, handle, role.name, k, out, last_errors), daemon=True)
             for k in range(role.num_replicas)
         ]
         for t in tails:
@@ -174,15 +182,30 @@ def _run_local(
         for t in tails:
             t.join(timeout=10)
     state = status.state.name if status else "UNKNOWN"
+    if state != "SUCCEEDED":
+        # torchrun's own report ends the log and names no cause: repeat each replica's last error.
+        for k in sorted(last_errors):
+            out.write(f"m3i launch: {role.name}/{k} failed with: {last_errors[k]}\n")
+        out.flush()
     return LaunchResult(cfg.scheduler, state, handle=handle)
 
 
-def _tail(runner: Any, handle: str, role: str, replica: int, out: TextIO) -> None:
+def last_error_line(line: str) -> str | None:
+    """``line`` stripped when it states a cause of failure (an m3i error line or an exception), else ``None``."""
+    text = line.strip()
+    if not _ERROR_LINE.match(text) or any(t in text for t in _NOT_A_CAUSE):
+        return None
+    return text
+
+
+def _tail(runner: Any, handle: str, role: str, replica: int, out: TextIO, last_errors: dict[int, str] | None = None) -> None:
     from torchx.schedulers.api import Stream
 
     try:
         for line in runner.log_lines(handle, role, replica, should_tail=True, streams=Stream.COMBINED):
             out.write(f"{role}/{replica} {line}" if line.endswith("\n") else f"{role}/{replica} {line}\n")
             out.flush()
+            if last_errors is not None and (cause := last_error_line(line)):
+                last_errors[replica] = cause
     except Exception as e:  # a lost log must not fail the run; say so and go on
         out.write(f"{role}/{replica} [log stream ended: {e}]\n")

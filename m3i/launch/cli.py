@@ -2,13 +2,18 @@
 
     m3i launch [--preset P] [--config F] [--set launch.k=v ...] [--dryrun | --wait [--timeout S]] [-- <m3i train args>]
 
-The config options build the ``launch`` section only; everything after ``--`` is handed to
-``m3i train`` verbatim (on Kubernetes, paths in it are paths inside the image).
+``--preset``, ``--config`` and ``--set`` describe the whole run: ``launch`` consumes the
+``launch`` section and forwards the rest to every rank's ``m3i train`` (on Kubernetes a
+``--config`` file travels as ``--set`` pairs, since the pods cannot read this machine's
+files). Everything after ``--`` is appended verbatim and wins over what was forwarded (on
+Kubernetes, paths in it are paths inside the image). The whole config is validated before
+anything starts: an unknown key or a bad value exits 2.
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any, Sequence
 
 __all__ = ["add_launch_parser", "cmd_launch"]
@@ -53,6 +58,56 @@ def _train_args(raw: Sequence[str]) -> list[str]:
     return args[1:] if args[:1] == ["--"] else args
 
 
+def _flatten(section: str, value: Any) -> list[str]:
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in _flatten(f"{section}.{k}", v)]
+    import yaml
+
+    return [f"{section}={yaml.safe_dump(value, default_flow_style=True, width=1 << 20).strip().removesuffix('...').strip()}"]
+
+
+def forwarded_train_args(args: argparse.Namespace, scheduler: str) -> list[str]:
+    """``m3i train`` arguments for the config options given to ``m3i launch`` (all but the ``launch`` section).
+
+    Locally the ``--config`` file is passed by its absolute path; on Kubernetes the pods
+    cannot read it, so its sections other than ``launch`` become ``--set`` pairs.
+    """
+    out: list[str] = ["--preset", args.preset] if args.preset else []
+    if args.config:
+        if scheduler == "local_cwd":
+            out += ["--config", str(Path(args.config).resolve())]
+        else:
+            import yaml
+
+            data = yaml.safe_load(Path(args.config).read_text()) or {}
+            for section, body in data.items():
+                if section != "launch":
+                    out += [a for pair in _flatten(section, body) for a in ("--set", pair)]
+    for item in args.overrides:
+        if not item.strip().startswith("launch."):
+            out += ["--set", item]
+    return out
+
+
+def check_train_args(train_args: Sequence[str], *, local: bool) -> None:
+    """Parse and validate what every rank's ``m3i train`` will get, before anything starts.
+
+    Raises:
+        ValueError: An unknown section, key or preset, or a value a section rejects.
+        SystemExit: (exit 2) An argument ``m3i train`` does not take.
+    """
+    from m3i.cli import build_parser
+    from m3i.config import load_config
+
+    ns = build_parser().parse_args(["train", *train_args])
+    # On Kubernetes a --config after `--` names a file inside the image: check it only if it is here too.
+    config = ns.config if ns.config and (local or Path(ns.config).is_file()) else None
+    try:
+        load_config(ns.preset, config, ns.overrides)
+    except ValueError as e:
+        raise ValueError(f"m3i train would refuse its arguments {list(train_args)}: {e}") from None
+
+
 def cmd_launch(args: argparse.Namespace) -> int:
     """Run ``m3i launch``; prints the dry run or the outcome, returns the exit status."""
     from m3i.config import load_config
@@ -60,15 +115,17 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
     extra = [f"{key}={getattr(args, dest)}" for dest, key, _, _ in _SHORTHANDS if getattr(args, dest) is not None]
     cfg = load_config(args.preset, args.config, [*args.overrides, *extra]).launch
+    train_args = [*forwarded_train_args(args, cfg.scheduler), *_train_args(args.train_args)]
+    check_train_args(train_args, local=cfg.scheduler == "local_cwd")
     if args.wait and not args.dryrun:
         if cfg.scheduler != "kubernetes":
             raise ValueError(f"--wait follows a Kubernetes job; launch.scheduler={cfg.scheduler!r} already waits")
         from m3i.launch.watch import run_cluster_job
 
-        result = run_cluster_job(cfg, _train_args(args.train_args), timeout_s=args.timeout)
+        result = run_cluster_job(cfg, train_args, timeout_s=args.timeout)
         print(f"{result.state}: {result.handle}")
         return result.exit_code
-    result = launch(cfg, _train_args(args.train_args), dryrun=args.dryrun)
+    result = launch(cfg, train_args, dryrun=args.dryrun)
     if result.rendered is not None:
         print(result.rendered, end="" if result.rendered.endswith("\n") else "\n")
     else:
