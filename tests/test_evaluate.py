@@ -492,6 +492,17 @@ def test_report_scalars_and_lines_put_random_init_against_trained():
     assert score_lines(m, top5=False)[1] == f"linear probe top-1: {100 * p:.1f} %"
 
 
+def test_report_warns_of_collapse_only_below_the_threshold():
+    from m3i.evaluate import render_report
+    from m3i.evaluate.report import COLLAPSE_STD
+
+    m = _synthetic_metrics()
+    m["feature_std"]["eval"] = 0.0734
+    assert "feature std (eval) 0.0734\n" in render_report(m) and "collapse" not in render_report(m)
+    m["feature_std"]["eval"] = COLLAPSE_STD / 10
+    assert "the features may have collapsed" in render_report(m)
+
+
 def test_push_sends_the_baseline_as_methods_of_its_own(monkeypatch):
     import m3i.evaluate.report as report
 
