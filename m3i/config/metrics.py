@@ -1,4 +1,4 @@
-"""Config section ``metrics``: the Prometheus endpoint each training rank serves."""
+"""Config section ``metrics``: the Prometheus endpoint each training rank serves, and TrainJob progress."""
 
 from __future__ import annotations
 
@@ -31,7 +31,14 @@ class MetricsConfig:
     """The ``job`` label of the pushed summary (the Pushgateway's grouping key starts with it)."""
 
     interval_steps: int = 1
-    """Record step metrics every this many steps (counters still count every step)."""
+    """Record step metrics every this many steps (counters still count every step); also the
+    cadence of TrainJob progress updates (``trainer_status``)."""
+
+    trainer_status: bool = True
+    """Under Kubeflow Trainer v2 with its ``TrainJobStatus`` feature gate (the pod has
+    ``KUBEFLOW_TRAINER_SERVER_URL``), rank 0 posts progress, remaining time and loss parts to
+    ``TrainJob.status.trainerStatus`` every ``interval_steps`` steps, at most every 5 s, and on the
+    last step (:mod:`m3i.train.progress`). Elsewhere it does nothing; false never posts."""
 
     def __post_init__(self) -> None:
         s = "metrics"

@@ -30,6 +30,7 @@ from m3i.train.dist import DistInfo, all_ok, init_distributed
 from m3i.train.ema import EMAUpdater
 from m3i.train.engine import build_engine, peak_lr
 from m3i.train.history import History
+from m3i.train.progress import build_trainer_status
 from m3i.transforms import build_transform
 
 __all__ = ["train", "init_backbone", "TrainSummary", "Preempted", "TrainingDiverged"]
@@ -293,6 +294,7 @@ def train(cfg: Config, info: DistInfo | None = None, progress: bool = True) -> T
                 metrics.on_checkpoint(0.0, False)
         return f"{ckpt.store.uri}/checkpoints/step-{at:08d}"
 
+    trainer_status = build_trainer_status(cfg.metrics, info.is_main)  # None outside a Kubeflow TrainJob
     sigterm = _SigTerm()
     bar = tqdm(total=cfg.train.steps, initial=step, desc="train", unit="step", disable=not (progress and info.is_main))
     samples = skipped = bad_streak = micro = 0
@@ -344,6 +346,8 @@ def train(cfg: Config, info: DistInfo | None = None, progress: bool = True) -> T
                     history.append({"step": step, "time": time.time(), "lr": lr, **last, "step_seconds": seconds, "data_wait_seconds": wait})
                     history.flush_if_due()
                 metrics.on_data_stats(loader.stats())
+                if trainer_status is not None:
+                    trainer_status.on_step(step, cfg.train.steps, last)
                 bar.update(1)
                 if info.is_main and (step % cfg.train.log_every == 0 or step == cfg.train.steps):
                     bar.set_postfix(loss=f"{last['loss']:.4f}", img=f"{last['loss_img']:.3f}", cls=f"{last['loss_cls']:.3f}", txt=f"{last['loss_txt']:.3f}")
@@ -362,6 +366,8 @@ def train(cfg: Config, info: DistInfo | None = None, progress: bool = True) -> T
     finally:
         bar.close()
         sigterm.restore()
+        if trainer_status is not None:  # sends the last queued update: 100 % after the final step
+            trainer_status.close()
         if history is not None and history.pending:  # only after a failure: every save flushed before it
             _flush_quietly(history)
 
