@@ -387,7 +387,7 @@ def test_dockerignore_keeps_the_context_small():
     rules = dockerignore_rules()
     for path in (
         ".venv/bin/python", ".cache/tools/bin/checkov", ".git/HEAD", "m3i-data/raw/captions.jsonl",
-        "tests/test_cli.py", "tests/data/crds/README.md", "bench/README.md", "docs/ablation.png",
+        "tests/test_cli.py", "tests/data/crds/README.md", "bench/README.md", "docs/ablation_curves.png",
         "m3i.egg-info/PKG-INFO", "m3i/__pycache__/cli.cpython-311.pyc", "build/lib/m3i/cli.py",
         "Makefile", "helm/m3i/values.yaml", "manifests/base/kustomization.yaml",
     ):
