@@ -1,7 +1,7 @@
 """The Helm chart helm/m3i: lint, render, validate every object, scan, and tie it to the code.
 
 Offline: helm (``tool("helm")``), kubernetes-validate for core kinds, the CRDs in
-tests/data/crds for the Prometheus Operator kinds, checkov, promtool. A missing tool fails
+tests/data/crds for the Prometheus Operator, Kubeflow Trainer and Kueue kinds, checkov, promtool. A missing tool fails
 the test with the command that installs it; nothing here is skipped.
 """
 
@@ -24,11 +24,13 @@ from m3i.config.metrics import MetricsConfig
 from m3i.evaluate.report import METRIC_NAMES as EVAL_METRIC_NAMES
 from m3i.launch import render
 from m3i.launch.pod import POD_LABELS
+from m3i.launch.trainjob import render_training_runtime
 from m3i.metrics import METRIC_NAMES, build_metrics
 from tests.k8s_schema import assert_valid, validate_core
 from tests.k8s_tools import ROOT, checkov_failures, tool, tool_env
 from tests.podmonitor import POD_IP, inline_train_pod, scrape_addresses, selects
 from tests.prometheus import require_binary
+from tests.test_trainjob import TRAINJOB_CRD, check_restricted_pod, trainer_pod
 
 CHART = ROOT / "helm" / "m3i"
 CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
@@ -36,6 +38,7 @@ NAMESPACE = "m3i"
 RELEASE = "m3i"
 VARIANTS = {"defaults": (), **{f.name.removesuffix("-values.yaml"): ("-f", str(f)) for f in CI_VALUES}}
 ALL_ON = ("-f", str(CHART / "ci" / "all-on-values.yaml"))
+TRAINJOB = ("-f", str(CHART / "ci" / "trainjob-values.yaml"))
 # --set variants that render differently from the ci files (validity and security only).
 SET_VARIANTS = {
     "minimal": ("--set", "networkPolicy.enabled=false,pushgateway.enabled=false,storage.bucketJob.enabled=false,rbac.create=false"),
@@ -47,7 +50,11 @@ CRDS = {
     "PodMonitor": "monitoring.coreos.com_podmonitors.yaml",
     "ServiceMonitor": "monitoring.coreos.com_servicemonitors.yaml",
     "PrometheusRule": "monitoring.coreos.com_prometheusrules.yaml",
+    "TrainingRuntime": "trainer.kubeflow.org_trainingruntimes.yaml",
+    "ClusterTrainingRuntime": "trainer.kubeflow.org_clustertrainingruntimes.yaml",
+    "LocalQueue": "kueue.x-k8s.io_localqueues.yaml",
 }
+CLUSTER_SCOPED = ("Namespace", "PriorityClass", "ClusterTrainingRuntime")
 POD_KINDS = ("Deployment", "Job", "Pod")
 
 # Series PromQL in the chart may use besides m3i's own: `up` (Prometheus' scrape health).
@@ -178,7 +185,7 @@ def test_every_rendered_object_is_valid(variant):
             assert_valid(obj, CRDS[obj["kind"]])
         else:
             validate_core(obj)
-        if obj["kind"] not in ("Namespace", "PriorityClass"):
+        if obj["kind"] not in CLUSTER_SCOPED:
             assert obj["metadata"].get("namespace"), f"{obj['kind']} {obj['metadata']['name']} has no namespace"
         labels = obj["metadata"]["labels"]
         for key in ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/version",
@@ -226,6 +233,17 @@ def test_defaults_render_no_credentials():
         (("--set", "monitoring.inlineNamespaces={Kubeflow_User}"), "/monitoring/inlineNamespaces/0"),
         (("--set", "storage.generateSecret=true", "--set", "storage.external.endpoint=https://s3.example.com"),
          "storage.generateSecret only works with the bundled MinIO"),
+        (("--set", "trainer.runtime.cluster=maybe"), "/trainer/runtime/cluster"),
+        (("--set", "trainer.runtime.name=M3I_Torch"), "/trainer/runtime/name"),
+        (("--set", "kueue.localQueue.apiVersion=kueue.x-k8s.io/v1"), "/kueue/localQueue/apiVersion"),
+        (("--set", "kueue.bogus=1"), "additional properties 'bogus' not allowed"),
+        (("--set", "launch.kind=trainjob,launch.rdzvPort=29600"),
+         "launch.rdzvPort=29600 cannot apply with launch.kind=trainjob"),
+        (("--set", "kueue.enabled=true,launch.kind=pytorchjob"), "kueue.enabled labels TrainJobs and Volcano Jobs only"),
+        (("--set", "kueue.enabled=true,kueue.localQueue.create=true,kueue.localQueue.name=other"),
+         "kueue.localQueue.name=other differs from launch.queue=default"),
+        (("--set", "trainer.runtime.enabled=true,launch.metricsPort=29495"),
+         "the runtime's metrics ports 29495..29502 cover Kubeflow Trainer's torch port 29500"),
     ],
 )
 def test_schema_and_checks_reject_bad_values(args, message):
@@ -338,6 +356,7 @@ def test_rbac_is_least_privilege():
     assert rules == {
         ("batch.volcano.sh", "jobs"): crud,
         ("kubeflow.org", "pytorchjobs"): crud,
+        ("trainer.kubeflow.org", "trainjobs"): crud,
         ("", "pods"): {"get", "list", "watch"},
         ("", "pods/log"): {"get"},
         ("", "events"): {"get", "list", "watch"},
@@ -423,6 +442,10 @@ def test_launch_configmap_loads_as_m3i_config(variant, tmp_path):
     assert sl.service_account == "m3i-train" and sl.s3_secret == "m3i-s3"
     pc = values.get("priorityClass", {})
     assert sl.priority_class == ("m3i-train" if pc.get("create") else None)
+    runtime = values.get("trainer", {}).get("runtime", {})
+    assert sl.runtime == runtime.get("name", "m3i-torch")
+    assert sl.runtime_kind == ("ClusterTrainingRuntime" if runtime.get("cluster") else "TrainingRuntime")
+    assert sl.kueue is values.get("kueue", {}).get("enabled", False)
     if "nprocPerNode" in launch:
         assert (sl.nodes, sl.nproc_per_node, sl.gpus_per_node) == (launch["nodes"], launch["nprocPerNode"], launch["gpusPerNode"])
     if objs and any(o["kind"] == "Deployment" and o["metadata"]["name"].endswith("pushgateway") for o in objs):
@@ -430,9 +453,10 @@ def test_launch_configmap_loads_as_m3i_config(variant, tmp_path):
         assert cfg.metrics.pushgateway == url and cfg.evaluate.pushgateway == url
 
 
-@pytest.mark.parametrize("kind", ["volcano", "pytorchjob"])
+@pytest.mark.parametrize("kind", ["volcano", "pytorchjob", "trainjob"])
 def test_podmonitor_and_policies_match_the_training_pods(kind, tmp_path):
-    """The chart's PodMonitor and NetworkPolicy select exactly what m3i.launch.render gives training pods."""
+    """The chart's PodMonitor and NetworkPolicy select exactly what m3i.launch.render gives training pods
+    (for a TrainJob: the pod Kubeflow Trainer makes of it on the chart's runtime)."""
     objs = objects(*ALL_ON)
     cfg = load_config(None, launch_config_file(objs, tmp_path), []).launch
     cfg = dataclasses.replace(cfg, kind=kind)
@@ -441,8 +465,11 @@ def test_podmonitor_and_policies_match_the_training_pods(kind, tmp_path):
     assert job["metadata"]["namespace"] == cfg.namespace
     if kind == "volcano":
         templates = [t["template"] for t in job["spec"]["tasks"]]
-    else:
+    elif kind == "pytorchjob":
         templates = [r["template"] for r in job["spec"]["pytorchReplicaSpecs"].values()]
+    else:
+        assert_valid(job, TRAINJOB_CRD)
+        templates = [trainer_pod(only(objs, cfg.runtime_kind, cfg.runtime), job)]
     monitor = only(objs, "PodMonitor", f"{RELEASE}-train")
     inline = only(objs, "PodMonitor", f"{RELEASE}-train-inline")
     assert monitor["spec"]["namespaceSelector"] == {"matchNames": [cfg.namespace]}
@@ -460,7 +487,7 @@ def test_podmonitor_and_policies_match_the_training_pods(kind, tmp_path):
         assert spec["priorityClassName"] == only(objs, "PriorityClass")["metadata"]["name"]
         assert spec["tolerations"] == [parse_toleration(t) for t in ci_values("all-on")["launch"]["tolerations"]]
         (c,) = spec["containers"]
-        ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
+        ports = {p.get("name", ""): p["containerPort"] for p in c.get("ports", [])}  # the Trainer adds 29500 unnamed
         metrics = {n: p for n, p in ports.items() if n.startswith("metrics")}
         assert sorted(metrics) == sorted(monitored), f"pod ports {sorted(metrics)} vs PodMonitor {monitored}"
         assert all(scrape_ports["port"] <= p <= scrape_ports["endPort"] for p in metrics.values())
@@ -468,7 +495,7 @@ def test_podmonitor_and_policies_match_the_training_pods(kind, tmp_path):
         assert scrape_addresses(monitor, tpl) == sorted(f"{POD_IP}:{p}" for p in metrics.values())
         assert scrape_addresses(inline, tpl) == []
         assert cfg.rdzv_port in ports.values()  # reachable: training pods allow each other all TCP
-        refs = {e["valueFrom"]["secretKeyRef"]["name"] for e in c["env"] if "valueFrom" in e}
+        refs = {e["valueFrom"]["secretKeyRef"]["name"] for e in c["env"] if "secretKeyRef" in e.get("valueFrom", {})}
         assert refs == {ci_values("all-on")["storage"].get("existingSecret", "m3i-s3")}
 
 
@@ -692,3 +719,91 @@ def checkov_all_on(tmp_path_factory) -> list[str]:
 
 def test_checkov_passes_all_on(checkov_all_on):
     assert checkov_all_on == [], "\n".join(checkov_all_on)
+
+
+# -- Kubeflow Trainer runtime and Kueue -------------------------------------------------------
+
+
+def runtime_of(objs: list[dict[str, Any]]) -> dict[str, Any]:
+    (rt,) = [o for o in objs if o["kind"] in ("TrainingRuntime", "ClusterTrainingRuntime")]
+    return rt
+
+
+@pytest.mark.parametrize("values", [TRAINJOB, ALL_ON], ids=["trainjob", "all-on"])
+def test_trainer_runtime_matches_the_renderer(values, tmp_path):
+    """The chart's runtime is what m3i.launch.trainjob renders from the chart's own launch ConfigMap."""
+    objs = objects(*values)
+    cfg = load_config(None, launch_config_file(objs, tmp_path), []).launch
+    rt = runtime_of(objs)
+    assert_valid(rt, CRDS[rt["kind"]])
+    want = render_training_runtime(cfg)  # follows launch.runtime_kind, which the chart sets from trainer.runtime.cluster
+    assert (rt["kind"], rt["metadata"]["name"]) == (want["kind"], cfg.runtime)
+    assert rt["metadata"].get("namespace") == want["metadata"].get("namespace")
+    assert rt["spec"] == want["spec"]
+    assert rt["metadata"]["labels"]["trainer.kubeflow.org/framework"] == "torch"
+    pod = rt["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]
+    check_restricted_pod(pod)
+    assert pod["spec"].get("serviceAccountName") == (None if rt["kind"] == "ClusterTrainingRuntime" else "m3i-train")
+
+
+def test_trainer_runtime_and_localqueue_are_off_by_default(tmp_path):
+    objs = objects()
+    assert not {o["kind"] for o in objs} & {"TrainingRuntime", "ClusterTrainingRuntime", "LocalQueue"}
+    launch = load_config(None, launch_config_file(objs, tmp_path), []).launch
+    assert (launch.runtime, launch.runtime_kind, launch.kueue) == ("m3i-torch", "TrainingRuntime", False)
+
+
+def test_trainjob_values_launch_a_valid_queued_trainjob(tmp_path):
+    """ci/trainjob-values.yaml: the ConfigMap's TrainJob names the chart's runtime and LocalQueue, and the
+    pod the Trainer makes of the pair is a restricted m3i training pod."""
+    objs = objects(*TRAINJOB)
+    cfg = load_config(None, launch_config_file(objs, tmp_path), []).launch
+    assert (cfg.kind, cfg.kueue, cfg.queue) == ("trainjob", True, "training")
+    job = render(cfg, ["--preset", "default"])
+    assert_valid(job, TRAINJOB_CRD)
+    rt = runtime_of(objs)
+    assert job["spec"]["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": rt["kind"], "name": rt["metadata"]["name"]}
+    assert job["metadata"]["namespace"] == rt["metadata"]["namespace"]  # a TrainingRuntime serves its own namespace
+    queue = only(objs, "LocalQueue")
+    assert_valid(queue, CRDS["LocalQueue"])
+    assert queue["apiVersion"] == "kueue.x-k8s.io/v1beta1" and queue["spec"] == {"clusterQueue": "cluster-queue"}
+    assert (queue["metadata"]["name"], queue["metadata"]["namespace"]) == (job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"],
+                                                                          job["metadata"]["namespace"])
+    pod = trainer_pod(rt, job)
+    validate_core(pod)
+    check_restricted_pod(pod)
+    assert pod["spec"]["serviceAccountName"] == "m3i-train" and pod["spec"]["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert rt["spec"]["template"]["spec"]["failurePolicy"] == {"maxRestarts": 2}
+    # The chart's Volcano Jobs carry the same label when kueue.enabled is on.
+    volcano = render(dataclasses.replace(cfg, kind="volcano"), ["--preset", "default"])
+    assert volcano["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "training"
+
+
+def test_localqueue_values():
+    queue = only(objects(*ALL_ON), "LocalQueue")
+    assert_valid(queue, CRDS["LocalQueue"])
+    values = ci_values("all-on")
+    assert queue["apiVersion"] == values["kueue"]["localQueue"]["apiVersion"] == "kueue.x-k8s.io/v1beta2"
+    assert queue["metadata"]["name"] == values["launch"]["queue"]  # empty name: launch.queue
+    assert queue["spec"]["clusterQueue"] == "gpu-cluster-queue"
+    named = only(objects("--set", "kueue.localQueue.create=true,kueue.localQueue.name=team-a,launch.namespace=m3i-train"), "LocalQueue")
+    assert (named["metadata"]["name"], named["metadata"]["namespace"]) == ("team-a", "m3i-train")
+
+
+def test_checkov_passes_the_trainer_pod(tmp_path):
+    """checkov reads no TrainingRuntime: scan the pod Kubeflow Trainer makes of a TrainJob on the all-on
+    runtime instead, next to the chart's NetworkPolicies (CKV2_K8S_6 wants one to select it)."""
+    objs = objects(*ALL_ON)
+    cfg = load_config(None, launch_config_file(objs, tmp_path), []).launch
+    cfg = dataclasses.replace(cfg, kind="trainjob")
+    pod = trainer_pod(only(objs, cfg.runtime_kind, cfg.runtime), render(cfg, ["--preset", "default"]))
+    pod["metadata"]["namespace"] = cfg.namespace
+    path = tmp_path / "trainer-pod.yaml"
+    path.write_text(yaml.safe_dump_all([*objs, pod], sort_keys=False))
+    skips = {
+        **CHECKOV_SKIPS,
+        "CKV_K8S_8": "a training pod runs to completion and serves only metrics; a hung rank is the TrainingStalled alert's, "
+        "and a liveness restart would break torchrun's static rendezvous (the helm test Pod likewise runs one check and exits)",
+        "CKV_K8S_9": "a training pod serves no traffic to be ready for, nor does the helm test Pod",
+    }
+    assert checkov_failures(["-f", str(path)], "kubernetes", skips) == []

@@ -1,6 +1,8 @@
 """manifests/: every kustomize target renders offline, validates, passes checkov, and keeps
 the promises the m3i code relies on (training pod labels and metrics ports, the launch
-section, least-privilege RBAC, restricted pods, default-deny networking, no secret values)."""
+section, least-privilege RBAC, restricted pods, default-deny networking, no secret values).
+The optional Kubeflow Trainer runtime (components/trainer-runtime) is rendered with dev and
+prod and must equal what m3i.launch.trainjob renders."""
 
 from __future__ import annotations
 
@@ -19,9 +21,11 @@ from m3i.config import load_config
 from m3i.config.launch import S3_SECRET_KEYS, LaunchConfig
 from m3i.launch import render
 from m3i.launch.pod import POD_LABELS
+from m3i.launch.trainjob import render_training_runtime
 from tests.k8s_schema import assert_valid, validate_core
 from tests.k8s_tools import ROOT, checkov_failures
 from tests.podmonitor import POD_IP, inline_train_pod, scrape_addresses, selects
+from tests.test_trainjob import TRAINJOB_CRD, check_restricted_pod, trainer_pod
 
 MANIFESTS = ROOT / "manifests"
 KUBECTL = "/usr/bin/kubectl"
@@ -31,7 +35,10 @@ NAMESPACE = "m3i"
 CRDS = {
     ("monitoring.coreos.com/v1", "PodMonitor"): "monitoring.coreos.com_podmonitors.yaml",
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "monitoring.coreos.com_servicemonitors.yaml",
+    ("trainer.kubeflow.org/v1alpha1", "TrainingRuntime"): "trainer.kubeflow.org_trainingruntimes.yaml",
+    ("trainer.kubeflow.org/v1alpha1", "ClusterTrainingRuntime"): "trainer.kubeflow.org_clustertrainingruntimes.yaml",
 }
+RUNTIME_COMPONENT = MANIFESTS / "components" / "trainer-runtime"
 CORE_GROUPS = {"", "apps", "batch", "networking.k8s.io", "rbac.authorization.k8s.io", "scheduling.k8s.io", "policy"}
 CLUSTER_SCOPED = {"Namespace", "PriorityClass"}
 STANDARD_LABELS = ("name", "part-of", "component", "version", "managed-by")
@@ -51,6 +58,7 @@ LAUNCHER_RULES = {
     # torchx's kubernetes scheduler polls a Volcano Job through get_namespaced_custom_object_status.
     ("batch.volcano.sh", "jobs/status"): {"get"},
     ("kubeflow.org", "pytorchjobs"): {"create", "get", "list", "watch", "delete"},
+    ("trainer.kubeflow.org", "trainjobs"): {"create", "get", "list", "watch", "delete"},
     ("", "pods"): {"get", "list", "watch"},
     ("", "pods/log"): {"get"},
     ("", "events"): {"get", "list", "watch"},
@@ -77,6 +85,32 @@ def kustomize(path: Path) -> list[dict[str, Any]]:
 def rendered() -> dict[str, list[dict[str, Any]]]:
     """Every target rendered once: ``base`` and each overlay."""
     return {t: kustomize(MANIFESTS / t if t == "base" else MANIFESTS / "overlays" / t) for t in TARGETS}
+
+
+@pytest.fixture(scope="module")
+def with_runtime(tmp_path_factory) -> dict[str, list[dict[str, Any]]]:
+    """dev and prod, each with components/trainer-runtime (a component takes the including kustomization's namespace)."""
+    out = {}
+    for overlay in ("dev", "prod"):
+        where = tmp_path_factory.mktemp(f"trainer-runtime-{overlay}")
+        rel = os.path.relpath(MANIFESTS, where)
+        (where / "kustomization.yaml").write_text(
+            f"namespace: {NAMESPACE}\nresources: [{rel}/overlays/{overlay}]\ncomponents: [{rel}/components/trainer-runtime]\n"
+        )
+        out[overlay] = kustomize(where)
+    return out
+
+
+def validate(o: dict[str, Any]) -> None:
+    """Against its CRD in tests/data/crds, or as a core kind with kubernetes-validate."""
+    crd = CRDS.get((o["apiVersion"], o["kind"]))
+    if crd:
+        assert_valid(o, crd)
+    else:
+        # kubernetes-validate only warns on kinds it does not know: keep CRDs out of this branch.
+        group = o["apiVersion"].rpartition("/")[0]
+        assert group in CORE_GROUPS, f"{o['apiVersion']} {o['kind']} has no schema in tests/data/crds"
+        validate_core(o)
 
 
 def one(objs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
@@ -150,14 +184,7 @@ def test_target_renders_into_the_namespace(rendered, target):
 @pytest.mark.parametrize("target", TARGETS)
 def test_every_object_validates(rendered, target):
     for o in rendered[target]:
-        crd = CRDS.get((o["apiVersion"], o["kind"]))
-        if crd:
-            assert_valid(o, crd)
-        else:
-            # kubernetes-validate only warns on kinds it does not know: keep CRDs out of this branch.
-            group = o["apiVersion"].rpartition("/")[0]
-            assert group in CORE_GROUPS, f"{o['apiVersion']} {o['kind']} has no schema in tests/data/crds"
-            validate_core(o)
+        validate(o)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -512,3 +539,80 @@ def test_prod_launch_targets_the_gpu_pool(prod_launch):
     assert prod_launch.tolerations == ("nvidia.com/gpu:NoSchedule",)
     assert prod_launch.gpus_per_node == prod_launch.nproc_per_node == 8
     assert prod_launch.priority_class == "m3i-training"
+
+
+# --- Kubeflow Trainer v2: the optional runtime (components/trainer-runtime) ----------------
+
+
+def test_trainer_runtime_is_off_by_default(rendered):
+    for target in TARGETS:
+        assert not of_kind(rendered[target], "TrainingRuntime") and not of_kind(rendered[target], "ClusterTrainingRuntime")
+
+
+@pytest.mark.parametrize("overlay", ["dev", "prod"])
+def test_trainer_runtime_component_adds_a_valid_runtime(with_runtime, rendered, overlay):
+    objs = with_runtime[overlay]
+    added = {(o["kind"], o["metadata"]["name"]) for o in objs} - {(o["kind"], o["metadata"]["name"]) for o in rendered[overlay]}
+    assert added == {("TrainingRuntime", "m3i-torch")} and len(objs) == len(rendered[overlay]) + 1
+    for o in objs:
+        validate(o)
+    rt = one(objs, "TrainingRuntime", "m3i-torch")
+    assert rt["metadata"]["namespace"] == NAMESPACE
+    labels = rt["metadata"]["labels"]
+    assert all(f"app.kubernetes.io/{k}" in labels for k in STANDARD_LABELS) and labels["app.kubernetes.io/managed-by"] == "kustomize"
+    pod = rt["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]
+    check_restricted_pod(pod)
+    (c,) = pod["spec"]["containers"]
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True and c["imagePullPolicy"] == "IfNotPresent"
+    # What it names exists in every overlay.
+    one(objs, "ServiceAccount", pod["spec"]["serviceAccountName"])
+    one(objs, "PriorityClass", pod["spec"]["priorityClassName"])
+
+
+def test_trainer_runtimes_equal_the_renderer(with_runtime, prod_launch):
+    """manifests/ and m3i.launch.trainjob.render_training_runtime agree (the prod launch defaults)."""
+    rt = one(with_runtime["prod"], "TrainingRuntime", "m3i-torch")
+    want = render_training_runtime(prod_launch)
+    assert rt["spec"] == want["spec"]
+    assert want["metadata"]["labels"].items() <= rt["metadata"]["labels"].items()
+    assert (rt["metadata"]["name"], rt["metadata"]["namespace"]) == (prod_launch.runtime, prod_launch.namespace)
+    # The cluster-scoped variant: applied on its own, not through kustomize (which would namespace it).
+    path = RUNTIME_COMPONENT / "cluster-training-runtime.yaml"
+    (cluster,) = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    validate(cluster)
+    want = render_training_runtime(prod_launch, cluster=True)
+    assert cluster["kind"] == "ClusterTrainingRuntime" and "namespace" not in cluster["metadata"]
+    assert cluster["spec"] == want["spec"] and want["metadata"]["labels"].items() <= cluster["metadata"]["labels"].items()
+    component = yaml.safe_load((RUNTIME_COMPONENT / "kustomization.yaml").read_text())
+    assert component["kind"] == "Component" and component["resources"] == ["training-runtime.yaml"]
+
+
+def test_checkov_passes_with_the_trainer_runtime(with_runtime, tmp_path):
+    path = tmp_path / "prod-trainer-runtime.yaml"
+    path.write_text(yaml.safe_dump_all(with_runtime["prod"], sort_keys=False))
+    assert checkov_failures(["-f", str(path)], "kubernetes", CHECKOV_SKIPS) == []
+
+
+def test_monitors_and_policies_fit_the_trainjob_pods(with_runtime, prod_launch):
+    """A prod TrainJob on the component's runtime: the pod the Trainer makes is scraped, admitted and restricted."""
+    objs = with_runtime["prod"]
+    cfg = dataclasses.replace(prod_launch, kind="trainjob")
+    job = render(cfg, ["--preset", "default"])
+    assert_valid(job, TRAINJOB_CRD)
+    pod = trainer_pod(one(objs, "TrainingRuntime", cfg.runtime), job)
+    validate_core(pod)
+    check_restricted_pod(pod)
+    labels, spec = pod["metadata"]["labels"], pod["spec"]
+    (c,) = spec["containers"]
+    pm = one(objs, "PodMonitor", "m3i-train")
+    assert selects(pm["spec"]["selector"], labels)
+    assert scrape_addresses(pm, pod) == sorted(f"{POD_IP}:{p}" for p in METRICS_PORTS)
+    assert scrape_addresses(one(objs, "PodMonitor", "m3i-train-inline"), pod) == []
+    pols = policies(objs)
+    assert selects(pols["m3i-train-peers"]["podSelector"], labels) and selects(pols["m3i-train-metrics"]["podSelector"], labels)
+    assert spec["serviceAccountName"] == "m3i-train" and spec["priorityClassName"] == "m3i-training"
+    assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+    refs = {e["valueFrom"]["secretKeyRef"]["name"] for e in c["env"] if "secretKeyRef" in e.get("valueFrom", {})}
+    assert refs == {"m3i-s3"}
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "8"

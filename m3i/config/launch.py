@@ -1,9 +1,12 @@
 """Config section ``launch``: where and how ``m3i launch`` runs ``m3i train``.
 
-The same section drives three targets: torchx's ``local_cwd`` scheduler (processes on
-this machine), a Volcano ``Job`` through torchx's ``kubernetes`` scheduler, and a
-Kubeflow Training Operator ``PyTorchJob``. Only names of Kubernetes objects (a Secret,
-a queue, a service account) ever appear here, never a credential.
+The same section drives four targets: torchx's ``local_cwd`` scheduler (processes on
+this machine), a Volcano ``Job`` through torchx's ``kubernetes`` scheduler, a Kubeflow
+Training Operator v1 ``PyTorchJob`` and a Kubeflow Trainer v2 ``TrainJob`` (which runs on
+the m3i ``TrainingRuntime`` that manifests/ and the Helm chart install). With ``kueue``
+on, the TrainJob or Volcano Job carries Kueue's queue label. Only names of Kubernetes
+objects (a Secret, a queue, a runtime, a service account) ever appear here, never a
+credential.
 """
 
 from __future__ import annotations
@@ -14,11 +17,31 @@ from typing import Any, Mapping
 
 from m3i.config.core import check_choice, check_positive, check_range
 
-__all__ = ["LaunchConfig", "parse_toleration", "quantity_bytes", "S3_SECRET_KEYS"]
+__all__ = [
+    "LaunchConfig",
+    "parse_toleration",
+    "quantity_bytes",
+    "KUEUE_QUEUE_LABEL",
+    "S3_SECRET_KEYS",
+    "TORCHRUN_ENV",
+    "TRAINER_MASTER_PORT",
+]
 
 SCHEDULERS = ("local_cwd", "kubernetes")
-KINDS = ("volcano", "pytorchjob")
+KINDS = ("volcano", "pytorchjob", "trainjob")
+RUNTIME_KINDS = ("TrainingRuntime", "ClusterTrainingRuntime")
 TAINT_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
+
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+"""The label by which Kueue finds a job's LocalQueue (``launch.kueue``)."""
+
+TRAINER_MASTER_PORT = 29500
+"""The rendezvous port Kubeflow Trainer's torch plugin gives every TrainJob (``PET_MASTER_PORT``);
+not configurable there, so ``launch.rdzv_port`` must equal it with ``kind: trainjob``."""
+
+TORCHRUN_ENV = ("PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT")
+"""torchrun's settings as env vars, which Kubeflow Trainer injects into a TrainJob's trainer
+container and refuses in ``spec.trainer.env``."""
 
 S3_SECRET_KEYS: dict[str, bool] = {
     "AWS_ACCESS_KEY_ID": False,
@@ -128,8 +151,17 @@ class LaunchConfig:
     """torchx scheduler: ``local_cwd`` (processes on this machine, in the current folder) or ``kubernetes``."""
 
     kind: str = "volcano"
-    """On ``kubernetes``: ``volcano`` (a Volcano Job through torchx, gang-scheduled) or ``pytorchjob``
-    (a Kubeflow Training Operator PyTorchJob, for clusters without Volcano)."""
+    """On ``kubernetes``: ``volcano`` (a Volcano Job through torchx, gang-scheduled on Volcano clusters),
+    ``pytorchjob`` (a Kubeflow Training Operator v1 PyTorchJob, for legacy v1 clusters) or ``trainjob``
+    (a Kubeflow Trainer v2 TrainJob on the runtime named by ``runtime``)."""
+
+    runtime: str = "m3i-torch"
+    """``kind: trainjob``: name of the Kubeflow Trainer runtime the TrainJob references (``spec.runtimeRef``);
+    manifests/components/trainer-runtime and the Helm chart (``trainer.runtime.enabled``) install ``m3i-torch``."""
+
+    runtime_kind: str = "TrainingRuntime"
+    """``kind: trainjob``: ``TrainingRuntime`` (namespaced: it must live in ``namespace``) or
+    ``ClusterTrainingRuntime`` (cluster-scoped, shared by every namespace)."""
 
     name: str = "m3i-train"
     """Job name prefix; a unique suffix is added per launch. A DNS-1123 label of at most 30 characters."""
@@ -171,19 +203,25 @@ class LaunchConfig:
     """Kubernetes namespace of the job."""
 
     queue: str = "default"
-    """Volcano queue (``kind: volcano``)."""
+    """Volcano queue (``kind: volcano``); with ``kueue`` also the Kueue LocalQueue in ``namespace``."""
+
+    kueue: bool = False
+    """Label the TrainJob (``kind: trainjob``) or Volcano Job (``kind: volcano``) with
+    ``kueue.x-k8s.io/queue-name: <queue>``, so that Kueue queues it and admits it against quota."""
 
     priority_class: str | None = None
-    """PriorityClass of the pods, or ``null`` for the cluster default."""
+    """PriorityClass of the pods, or ``null`` for the cluster default. ``kind: trainjob``: a TrainJob
+    cannot set it; the runtime does (:func:`m3i.launch.trainjob.render_training_runtime`)."""
 
     service_account: str | None = None
     """ServiceAccount of the pods (e.g. one bound to a cloud IAM role), or ``null`` for the namespace default."""
 
     max_retries: int = 3
-    """Restarts of the whole job after a pod fails or is evicted (preemption) before it is marked failed."""
+    """Restarts of the whole job after a pod fails or is evicted (preemption) before it is marked failed.
+    ``kind: trainjob``: the runtime's JobSet ``failurePolicy.maxRestarts``, which a TrainJob cannot set."""
 
     rdzv_port: int = 29500
-    """Port of the rendezvous / c10d store on the first pod."""
+    """Port of the rendezvous / c10d store on the first pod (``kind: trainjob``: Kubeflow Trainer fixes it at 29500)."""
 
     metrics_port: int = 9400
     """Base port of the trainer's Prometheus endpoints (local rank ``r`` serves on ``metrics_port + r``),
@@ -204,6 +242,8 @@ class LaunchConfig:
         check_choice(s, "scheduler", self.scheduler, SCHEDULERS)
         check_choice(s, "kind", self.kind, KINDS)
         _check_name("name", self.name, max_len=30)
+        _check_name("runtime", self.runtime, subdomain=True, max_len=253)
+        check_choice(s, "runtime_kind", self.runtime_kind, RUNTIME_KINDS)
         m = _IMAGE.match(self.image)
         if not m or not (m.group("tag") or m.group("digest")):
             raise ValueError(f"launch.image={self.image!r} must be a pinned image reference, repo:tag or repo@sha256:digest")
@@ -257,7 +297,39 @@ class LaunchConfig:
             if key in _CREDENTIAL_ENV:
                 raise ValueError(f"launch.env sets {key}; credentials come only from the Secret named by launch.s3_secret")
         check_range(s, "run_as_user", self.run_as_user, 1, 2**31 - 1)
+        if self.kind == "trainjob":
+            self._check_trainjob()
+        if self.kueue:
+            if self.kind == "pytorchjob":
+                raise ValueError(
+                    "launch.kueue=true labels only a TrainJob or a Volcano Job, not launch.kind='pytorchjob'; "
+                    "use launch.kind=trainjob or volcano, or launch.kueue=false"
+                )
+            if not _is_label_value(self.queue):
+                raise ValueError(
+                    f"launch.queue={self.queue!r} must be a label value (at most 63 characters) with launch.kueue=true"
+                )
+
+    def _check_trainjob(self) -> None:
+        """What Kubeflow Trainer v2 requires of a TrainJob beyond the checks of every kind."""
+        if not self.name[0].isalpha():
+            raise ValueError(
+                f"launch.name={self.name!r} must start with a letter with launch.kind='trainjob' "
+                "(a TrainJob's name is an RFC 1035 label)"
+            )
+        if self.rdzv_port != TRAINER_MASTER_PORT:
+            raise ValueError(
+                f"launch.rdzv_port={self.rdzv_port} cannot apply with launch.kind='trainjob': Kubeflow Trainer always "
+                f"gives torchrun port {TRAINER_MASTER_PORT} (PET_MASTER_PORT); leave launch.rdzv_port={TRAINER_MASTER_PORT}"
+            )
+        reserved = sorted(set(self.env_dict()) & set(TORCHRUN_ENV))
+        if reserved:
+            raise ValueError(f"launch.env sets {reserved}, which Kubeflow Trainer injects itself with launch.kind='trainjob'")
 
     def env_dict(self) -> dict[str, str]:
         """``launch.env`` as a dict (later entries win)."""
         return dict(item.split("=", 1) for item in self.env)
+
+    def queue_labels(self) -> dict[str, str]:
+        """The job's Kueue label ``{kueue.x-k8s.io/queue-name: queue}`` with ``kueue`` on, else none."""
+        return {KUEUE_QUEUE_LABEL: self.queue} if self.kueue else {}

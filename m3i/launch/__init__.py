@@ -1,6 +1,6 @@
 """``m3i launch``: run ``m3i train`` under torchrun, here or on Kubernetes.
 
-    render(cfg, ["--preset", "default"])         # the Volcano Job or PyTorchJob, a dict
+    render(cfg, ["--preset", "default"])         # the Volcano Job, PyTorchJob or TrainJob, a dict
     launch(cfg, ["--preset", "default"], dryrun=True).rendered
 
 Targets (``launch.scheduler`` / ``launch.kind``):
@@ -9,9 +9,14 @@ Targets (``launch.scheduler`` / ``launch.kind``):
   folder, inheriting this environment (S3 credentials included); waits and returns the
   final state. Each replica's output is streamed back, prefixed ``role/replica``.
 - ``kubernetes`` + ``volcano``: the torchx kubernetes scheduler's Volcano Job, with the pod
-  policy of :mod:`m3i.launch.pod`; submitted through the torchx runner.
-- ``kubernetes`` + ``pytorchjob``: a Kubeflow Training Operator PyTorchJob with the same
-  pod; submitted with the kubernetes client's CustomObjectsApi.
+  policy of :mod:`m3i.launch.pod`; submitted through the torchx runner. For Volcano
+  clusters: gang scheduling and Volcano queues.
+- ``kubernetes`` + ``pytorchjob``: a Kubeflow Training Operator v1 PyTorchJob with the same
+  pod; submitted with the kubernetes client's CustomObjectsApi. For legacy v1 clusters.
+- ``kubernetes`` + ``trainjob``: a Kubeflow Trainer v2 TrainJob on the m3i runtime
+  (``launch.runtime``), the pod policy as its runtime patch (:mod:`m3i.launch.trainjob`);
+  submitted with the CustomObjectsApi. For Kubeflow Trainer v2 clusters, queued by Kueue
+  with ``launch.kueue``.
 """
 
 from __future__ import annotations
@@ -81,7 +86,8 @@ def render(cfg: LaunchConfig, train_args: Sequence[str], **app_kw: Any) -> dict[
         **app_kw: ``module`` / ``subcommand`` overrides of what torchrun runs.
 
     Returns:
-        A ``batch.volcano.sh/v1alpha1`` Job or a ``kubeflow.org/v1`` PyTorchJob.
+        A ``batch.volcano.sh/v1alpha1`` Job, a ``kubeflow.org/v1`` PyTorchJob or a
+        ``trainer.kubeflow.org/v1alpha1`` TrainJob.
 
     Raises:
         ValueError: When ``cfg.scheduler`` is not ``kubernetes``.
@@ -92,6 +98,10 @@ def render(cfg: LaunchConfig, train_args: Sequence[str], **app_kw: Any) -> dict[
         from m3i.launch.pytorchjob import render_pytorchjob
 
         return render_pytorchjob(cfg, train_args, **app_kw)
+    if cfg.kind == "trainjob":
+        from m3i.launch.trainjob import render_trainjob
+
+        return render_trainjob(cfg, train_args, **app_kw)
     from m3i.launch.volcano import render_volcano
 
     return render_volcano(cfg, train_args, **app_kw)
@@ -144,6 +154,13 @@ def launch(
         if dryrun:
             return LaunchResult(cfg.scheduler, "DRYRUN", rendered=to_yaml(job))
         return LaunchResult(cfg.scheduler, "SUBMITTED", handle=submit_pytorchjob(job))
+    if cfg.kind == "trainjob":
+        from m3i.launch.trainjob import render_trainjob, submit_trainjob
+
+        job = render_trainjob(cfg, train_args, **app_kw)
+        if dryrun:
+            return LaunchResult(cfg.scheduler, "DRYRUN", rendered=to_yaml(job))
+        return LaunchResult(cfg.scheduler, "SUBMITTED", handle=submit_trainjob(job))
     from m3i.launch.volcano import render_volcano, submit_volcano
 
     if dryrun:

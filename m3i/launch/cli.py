@@ -20,7 +20,7 @@ __all__ = ["add_launch_parser", "cmd_launch"]
 
 _SHORTHANDS = (
     ("scheduler", "launch.scheduler", str, "local_cwd or kubernetes"),
-    ("kind", "launch.kind", str, "on kubernetes: volcano or pytorchjob"),
+    ("kind", "launch.kind", str, "on kubernetes: volcano, pytorchjob or trainjob"),
     ("nodes", "launch.nodes", int, "pods (hosts)"),
     ("nproc_per_node", "launch.nproc_per_node", int, "training processes per pod"),
     ("image", "launch.image", str, "pinned container image"),
@@ -31,7 +31,7 @@ def add_launch_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``launch`` to the ``m3i`` subcommands; returns its parser (``func`` is :func:`cmd_launch`)."""
     p = subparsers.add_parser(
         "launch",
-        help="run m3i train under torchrun: here (local_cwd) or on Kubernetes (Volcano Job, PyTorchJob)",
+        help="run m3i train under torchrun: here (local_cwd) or on Kubernetes (Volcano Job, PyTorchJob, TrainJob)",
         description="Run `m3i train` under torchrun. Arguments after `--` go to `m3i train` verbatim.",
     )
     g = p.add_argument_group("config")

@@ -3,7 +3,9 @@
 torchx's kubernetes scheduler turns the AppDef into a Volcano Job (one task per node,
 ``svc``/``env`` plugins for peer discovery, RestartJob on PodFailed/PodEvicted). Its
 dry-run request holds that Job; :func:`render_volcano` serialises it and applies
-:func:`m3i.launch.pod.apply_pod_policy` to every task. Submission goes through
+:func:`m3i.launch.pod.apply_pod_policy` to every task, and with ``launch.kueue`` Kueue's
+queue label to the Job (Kueue has no built-in Volcano integration: the label takes effect
+where an external-framework integration for ``batch.volcano.sh`` Jobs is set up). Submission goes through
 ``Runner.schedule`` with the patched request, the escape hatch torchx documents for
 scheduler features its API lacks.
 """
@@ -45,6 +47,8 @@ def _dryrun(runner: Runner, cfg: LaunchConfig, train_args: Sequence[str], **app_
     job = sanitize_for_serialization(info.request.resource)
     assert isinstance(job, dict)
     job["metadata"]["namespace"] = cfg.namespace
+    if cfg.kueue:
+        job["metadata"].setdefault("labels", {}).update(cfg.queue_labels())
     spec = job["spec"]
     spec["minAvailable"] = cfg.nodes  # gang: start all pods or none
     for task in spec["tasks"]:
