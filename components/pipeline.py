@@ -97,8 +97,8 @@ def m3i_pretrain(
         overrides: ``section.key=value`` config overrides for every step.
         backbone: Backbone name; empty keeps the preset's.
         steps: Optimizer steps; 0 keeps the preset's.
-        launcher: inline (torchrun in the train step's pod, one node), volcano or pytorchjob (a multi-node job).
-        nodes: Nodes of a volcano/pytorchjob job (inline needs 1).
+        launcher: inline (torchrun in the train step's pod, one node), or a multi-node job: volcano, pytorchjob or trainjob (Kubeflow Trainer v2).
+        nodes: Nodes of a volcano/pytorchjob/trainjob job (inline needs 1).
         gpus_per_node: GPUs (= training processes) per node; 0 trains on CPU with the preset's process count.
         zero_stage: DeepSpeed ZeRO stage 0-3; -1 keeps the preset's.
         precision: fp32, bf16 or fp16; empty keeps the preset's.

@@ -1,4 +1,4 @@
-"""``train``: M3I pre-training, in the step's own pod or as a Volcano Job / PyTorchJob it follows."""
+"""``train``: M3I pre-training, in the step's own pod or as a Volcano Job / PyTorchJob / TrainJob it follows."""
 
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Model, Output
@@ -34,8 +34,8 @@ def train(
         storage_uri: Root of the pipeline's storage.
         run_name: Names the run's folder; empty uses the KFP run id.
         run_id: The KFP run id (filled in by KFP).
-        launcher: ``inline`` (torchrun in this pod, one node) or ``volcano`` / ``pytorchjob`` (a job this step submits, follows and deletes).
-        nodes: Pods of a volcano/pytorchjob job.
+        launcher: ``inline`` (torchrun in this pod, one node) or ``volcano`` / ``pytorchjob`` / ``trainjob`` (a job this step submits, follows and deletes).
+        nodes: Pods of a volcano/pytorchjob/trainjob job.
         gpus_per_node: GPUs (= processes) per node; 0 uses the preset's process count on CPU.
         zero_stage: DeepSpeed ZeRO stage; -1 keeps the preset's.
         precision: fp32, bf16 or fp16; empty keeps the preset's.

@@ -6,7 +6,7 @@
     m3i export    [--preset P] [--config F] [--set export.k=v] [--checkpoint URI] [--out URI]
     m3i evaluate  [--preset P] [--config F] [--set evaluate.k=v] [--model URI] [--out URI]
     m3i ablate    --demo-root DIR [--preset demo] [--steps N] [--seeds 0 1 2] [--curve-every K]   M3I vs each branch -> docs/ablation.md
-    m3i launch    [--scheduler local_cwd|kubernetes] [--kind volcano|pytorchjob] [--dryrun] [-- train args]
+    m3i launch    [--scheduler local_cwd|kubernetes] [--kind volcano|pytorchjob|trainjob] [--dryrun] [-- train args]
     m3i demo      demo data -> shards -> one loader pass -> training (the preset's processes), on this machine
     m3i pipeline  compile | upload | run | schedule | params | run-local   (the Kubeflow pipeline m3i-pretrain)
 

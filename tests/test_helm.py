@@ -239,7 +239,6 @@ def test_defaults_render_no_credentials():
         (("--set", "kueue.bogus=1"), "additional properties 'bogus' not allowed"),
         (("--set", "launch.kind=trainjob,launch.rdzvPort=29600"),
          "launch.rdzvPort=29600 cannot apply with launch.kind=trainjob"),
-        (("--set", "kueue.enabled=true,launch.kind=pytorchjob"), "kueue.enabled labels TrainJobs and Volcano Jobs only"),
         (("--set", "kueue.enabled=true,kueue.localQueue.create=true,kueue.localQueue.name=other"),
          "kueue.localQueue.name=other differs from launch.queue=default"),
         (("--set", "trainer.runtime.enabled=true,launch.metricsPort=29495"),
@@ -777,6 +776,19 @@ def test_trainjob_values_launch_a_valid_queued_trainjob(tmp_path):
     # The chart's Volcano Jobs carry the same label when kueue.enabled is on.
     volcano = render(dataclasses.replace(cfg, kind="volcano"), ["--preset", "default"])
     assert volcano["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "training"
+
+
+def test_kueue_with_pytorchjob_labels_the_pytorchjob(tmp_path):
+    """kueue.enabled with launch.kind=pytorchjob renders: the ConfigMap's PyTorchJob carries Kueue's queue label
+    (Kueue's kubeflow.org/pytorchjob integration), next to the chart's LocalQueue of that name."""
+    objs = objects("--set", "kueue.enabled=true,kueue.localQueue.create=true,launch.kind=pytorchjob,launch.queue=training")
+    cfg = load_config(None, launch_config_file(objs, tmp_path), []).launch
+    assert (cfg.kind, cfg.kueue, cfg.queue) == ("pytorchjob", True, "training")
+    job = render(cfg, ["--preset", "default"])
+    assert_valid(job, "kubeflow.org_pytorchjobs.yaml")
+    queue = only(objs, "LocalQueue")
+    assert (job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"], job["metadata"]["namespace"]) == (
+        queue["metadata"]["name"], queue["metadata"]["namespace"])
 
 
 def test_localqueue_values():

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from m3i.config.core import from_dict
-from m3i.config.launch import LaunchConfig
+from m3i.config.launch import KUEUE_QUEUE_LABEL, LaunchConfig
 from m3i.launch import build_appdef, launch, render, to_yaml
 from m3i.launch.cli import add_launch_parser, cmd_launch
 from tests.k8s_schema import assert_valid, errors, validate_core
@@ -211,6 +211,19 @@ def test_pytorchjob_escapes_kubernetes_variable_references():
     assert job["metadata"]["name"] == "fixed"
     assert job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["command"][-3:] == [
         "train.out=$$(HOME)/x", *METRICS_SET]
+
+
+def test_pytorchjob_with_kueue_carries_the_queue_label_on_the_job_only():
+    """Kueue's kubeflow.org/pytorchjob integration reads the label off the PyTorchJob and suspends the job
+    itself (runPolicy.suspend, by its webhook) until it admits it; nothing else of the job changes."""
+    on = render(gpu_cfg(kind="pytorchjob", kueue=True), TRAIN_ARGS, job_name="j")
+    off = render(gpu_cfg(kind="pytorchjob"), TRAIN_ARGS, job_name="j")
+    assert_valid(on, PYTORCHJOB_CRD)
+    assert on["metadata"]["labels"][KUEUE_QUEUE_LABEL] == "training"
+    for tpl in pods(on):
+        assert KUEUE_QUEUE_LABEL not in tpl["metadata"]["labels"]  # the pods are the job's, not queued on their own
+    del on["metadata"]["labels"][KUEUE_QUEUE_LABEL]
+    assert on == off
 
 
 @pytest.mark.parametrize("kind", ["volcano", "pytorchjob"])

@@ -14,6 +14,7 @@ import yaml
 from m3i.pipeline import CPU_IMAGE, PIPELINE_NAME, S3_SECRET, TRAIN_IMAGE
 from m3i.pipeline.build import SOURCE_PIPELINE, compile_pipeline, version_name
 from m3i.pipeline.steps import (
+    LAUNCHERS,
     config_overrides_from_file,
     list_sources,
     plan_dataset,
@@ -284,6 +285,7 @@ def test_s3_sources_are_listed_staged_and_sharded(raw, s3_bucket, tmp_path):
 
 
 def test_cluster_config_file_comes_before_step_overrides(tmp_path, monkeypatch):
+    from m3i.config import load_config
     from m3i.pipeline.steps import step_config
 
     f = tmp_path / "m3i.yaml"
@@ -299,7 +301,7 @@ def test_cluster_config_file_comes_before_step_overrides(tmp_path, monkeypatch):
     assert cfg.launch.namespace == "ml" and cfg.launch.node_selector == {"pool": "gpu"}
     assert cfg.data.batch_size == 9 and full[-1] == "data.batch_size=9"
     monkeypatch.setenv("M3I_CONFIG", str(tmp_path / "absent.yaml"))  # the ConfigMap is optional
-    assert step_config("demo", [])[0].data.batch_size == 32
+    assert step_config("demo", [])[0].data.batch_size == load_config("demo").data.batch_size
     f.write_text("- not a mapping\n")
     with pytest.raises(ValueError, match="holds sections"):
         config_overrides_from_file(f)
@@ -308,7 +310,7 @@ def test_cluster_config_file_comes_before_step_overrides(tmp_path, monkeypatch):
 def test_train_model_rejects_bad_launch_arguments(tmp_path):
     with pytest.raises(ValueError, match="launcher='slurm'"):
         train_model("d", "o", launcher="slurm")
-    with pytest.raises(ValueError, match="nodes=2 needs launcher volcano or pytorchjob"):
+    with pytest.raises(ValueError, match=r"nodes=2 needs a job launcher, one of \['volcano', 'pytorchjob', 'trainjob'\]"):
         train_model("d", "o", launcher="inline", nodes=2)
     with pytest.raises(ValueError, match="run name"):
         run_uri("s3://b", "runs", "../escape")
@@ -316,10 +318,23 @@ def test_train_model_rejects_bad_launch_arguments(tmp_path):
     assert run_uri("s3://b/x", "models") == "s3://b/x/models"
 
 
-def test_train_model_sends_a_job_with_every_setting(monkeypatch, tmp_path):
-    """The volcano branch: the job gets the pipeline's arguments as --set and the GPU placement."""
+def test_every_job_launcher_is_a_kind_run_cluster_job_follows():
+    from m3i.launch.watch import JOB_KINDS
+
+    assert LAUNCHERS[0] == "inline" and set(LAUNCHERS[1:]) == set(JOB_KINDS)
+    assert "trainjob" in LAUNCHERS
+
+
+JOB_CRDS = {"volcano": "batch.volcano.sh_jobs.yaml", "pytorchjob": "kubeflow.org_pytorchjobs.yaml",
+            "trainjob": "trainer.kubeflow.org_trainjobs.yaml"}
+
+
+@pytest.mark.parametrize("launcher", ["volcano", "pytorchjob", "trainjob"])
+def test_train_model_sends_a_job_with_every_setting(monkeypatch, tmp_path, launcher):
+    """The job branch: the job of that kind gets the pipeline's arguments as --set and the GPU placement."""
     import m3i.launch.watch as watch
-    from m3i.launch import LaunchResult
+    from m3i.launch import LaunchResult, render
+    from tests.k8s_schema import assert_valid
 
     seen = {}
 
@@ -333,13 +348,14 @@ def test_train_model_sends_a_job_with_every_setting(monkeypatch, tmp_path):
 
     monkeypatch.setattr(watch, "run_cluster_job", fake_run)
     m = train_model(
-        "s3://b/datasets/x", str(tmp_path / "run"), launcher="volcano", nodes=2, gpus_per_node=8, zero_stage=2,
+        "s3://b/datasets/x", str(tmp_path / "run"), launcher=launcher, nodes=2, gpus_per_node=8, zero_stage=2,
         precision="bf16", steps=5, run_id="r1", node_selector={"pool": "h100"},
         tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}], preset="demo",
     )
     cfg, args = seen["cfg"], seen["args"]
-    assert (cfg.scheduler, cfg.kind, cfg.nodes, cfg.nproc_per_node, cfg.gpus_per_node) == ("kubernetes", "volcano", 2, 8, 8)
+    assert (cfg.scheduler, cfg.kind, cfg.nodes, cfg.nproc_per_node, cfg.gpus_per_node) == ("kubernetes", launcher, 2, 8, 8)
     assert cfg.node_selector == {"pool": "h100"} and cfg.tolerations == ("nvidia.com/gpu:NoSchedule",)
+    assert_valid(render(cfg, args), JOB_CRDS[launcher])  # what run_cluster_job would create
     sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
     for want in ("data.shards=s3://b/datasets/x", "train.zero_stage=2", "train.precision=bf16", "train.steps=5", "train.run_id=r1"):
         assert want in sets

@@ -382,8 +382,11 @@ def test_submit_trainjob_creates_the_rendered_job(monkeypatch):
 # --- Kueue ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind, crd", [("trainjob", TRAINJOB_CRD), ("volcano", "batch.volcano.sh_jobs.yaml")])
+@pytest.mark.parametrize(
+    "kind, crd", [("trainjob", TRAINJOB_CRD), ("volcano", "batch.volcano.sh_jobs.yaml"), ("pytorchjob", "kubeflow.org_pytorchjobs.yaml")]
+)
 def test_kueue_labels_the_job_with_its_queue(kind, crd):
+    """Kueue finds a TrainJob or a PyTorchJob (built-in integrations) by the label on the job's own metadata."""
     on = render(trainjob_cfg(kind=kind, kueue=True, queue="gpu-queue"), TRAIN_ARGS)
     off = render(trainjob_cfg(kind=kind), TRAIN_ARGS)
     assert_valid(on, crd)
@@ -407,7 +410,6 @@ def test_kueue_labels_the_job_with_its_queue(kind, crd):
         ({"kind": "trainjob", "rdzv_port": 29600}, "launch.rdzv_port=29600 cannot apply with launch.kind='trainjob'"),
         ({"kind": "trainjob", "name": "3d-train"}, "launch.name='3d-train' must start with a letter with launch.kind='trainjob'"),
         ({"kind": "trainjob", "env": ["PET_NNODES=4"]}, "launch.env sets ['PET_NNODES'], which Kubeflow Trainer injects"),
-        ({"kind": "pytorchjob", "kueue": True}, "launch.kueue=true labels only a TrainJob or a Volcano Job, not launch.kind='pytorchjob'"),
         ({"kueue": True, "queue": "q." + "x" * 70}, "must be a label value (at most 63 characters) with launch.kueue=true"),
         ({"kueue": "sometimes"}, "launch.kueue='sometimes' is not a boolean"),
     ],

@@ -1,8 +1,10 @@
-"""run_cluster_job: create the Volcano Job or PyTorchJob, follow its status and pod logs, delete it.
+"""run_cluster_job: create the Volcano Job, PyTorchJob or TrainJob, follow its status and pod logs, delete it.
 
 The kubernetes client's CustomObjectsApi and CoreV1Api are replaced by in-memory fakes whose
 job status walks through a script, one entry per status read; time is a fake clock that
-``sleep`` advances, so nothing waits and nothing reaches a cluster.
+``sleep`` advances, so nothing waits and nothing reaches a cluster. The statuses are written
+as the operators write them (Volcano, Training Operator v1.9, Kubeflow Trainer v2.3 on
+JobSet v0.12); the TrainJob ones are checked against the Trainer's CRD.
 """
 
 from __future__ import annotations
@@ -21,9 +23,12 @@ import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from m3i.config.launch import KINDS, LaunchConfig
+from m3i.config.launch import KINDS, KUEUE_QUEUE_LABEL, LaunchConfig
 from m3i.launch import render
 from m3i.launch.watch import JOB_KINDS, ClusterJob, job_state, run_cluster_job
+from tests.k8s_schema import assert_valid
+
+TRAINJOB_CRD = "trainer.kubeflow.org_trainjobs.yaml"
 
 TRAIN_ARGS = ["--preset", "default", "--set", "train.steps=10"]
 
@@ -57,6 +62,34 @@ def pytorchjob(*conditions: dict[str, Any]) -> dict[str, Any]:
     return {"conditions": list(conditions), "replicaStatuses": {"Master": {"active": 1}}}
 
 
+# Kubeflow Trainer v2.3 (pkg/apis/trainer/v1alpha1/trainjob_types.go, pkg/controller/trainjob_controller.go):
+# metav1.Conditions Suspended (reason Suspended / Resumed), Complete and Failed, the last two copied
+# from the JobSet's Completed / Failed (reasons of JobSet v0.12, pkg/constants/constants.go); and
+# jobsStatus, one entry per replicated job, counting child Jobs, not pods.
+
+
+def tcond(type_: str, reason: str, message: str, status: str = "True") -> dict[str, Any]:
+    return {"type": type_, "status": status, "reason": reason, "message": message, "lastTransitionTime": "2025-01-01T00:00:00Z"}
+
+
+def trainjob(*conditions: dict[str, Any], progress: int | None = None, **counts: int) -> dict[str, Any]:
+    """A TrainJob status; ``counts`` (active=1, ready=1, ...) make the ``node`` replicated job's entry."""
+    status: dict[str, Any] = {}
+    if conditions:
+        status["conditions"] = list(conditions)
+    if counts:
+        status["jobsStatus"] = [{"name": "node", **{k: counts.get(k, 0) for k in ("active", "ready", "succeeded", "failed", "suspended")}}]
+    if progress is not None:
+        status["trainerStatus"] = {"progressPercentage": progress, "lastUpdatedTime": "2025-01-01T01:00:00Z"}
+    return status
+
+
+SUSPENDED = tcond("Suspended", "Suspended", "TrainJob is suspended")
+RESUMED = tcond("Suspended", "Resumed", "TrainJob is resumed", status="False")
+COMPLETE = tcond("Complete", "AllJobsCompleted", "jobset completed successfully")
+MAX_RESTARTS = tcond("Failed", "ReachedMaxRestarts", "jobset failed due to reaching max number of restarts (first failed job: j-node-0)")
+DEADLINE = tcond("Failed", "DeadlineExceeded", "TrainJob exceeded its active deadline")
+
 CREATED = cond("Created")
 RUN_OK = {
     "volcano": [volcano("Pending"), volcano("Running"), volcano("Running"), volcano("Completed")],
@@ -66,6 +99,7 @@ RUN_OK = {
         pytorchjob(CREATED, cond("Running")),
         pytorchjob(CREATED, cond("Running", "False"), cond("Succeeded")),
     ],
+    "trainjob": [{}, trainjob(active=1, ready=1), trainjob(active=1, ready=1), trainjob(COMPLETE, succeeded=1)],
 }
 RUN_FAILED = {
     "volcano": [volcano("Running"), volcano("Failed", "PodFailed", "task m3i-1 failed 6 times")],
@@ -73,8 +107,9 @@ RUN_FAILED = {
         pytorchjob(CREATED, cond("Running")),
         pytorchjob(CREATED, cond("Running", "False"), cond("Failed", message="master-0 exited with code 1")),
     ],
+    "trainjob": [trainjob(active=1, ready=1), trainjob(MAX_RESTARTS, failed=1)],
 }
-RUNNING = {"volcano": volcano("Running"), "pytorchjob": pytorchjob(CREATED, cond("Running"))}
+FAILED_DETAIL = {"volcano": "failed 6 times", "pytorchjob": "exited with code 1", "trainjob": "reaching max number of restarts"}
 
 
 # --- fakes -------------------------------------------------------------------------------------
@@ -100,10 +135,12 @@ class FakeCustomObjects:
         return copy.deepcopy(kw["body"])  # the API server echoes the object it stored
 
     def get_namespaced_custom_object(self, **kw: Any) -> dict[str, Any]:
+        """The stored object (labels included) with the script's next status."""
         _bind(client.CustomObjectsApi, "get_namespaced_custom_object", kw)
         status = self.statuses[min(len(self.reads), len(self.statuses) - 1)]
         self.reads.append(kw)
-        return {"metadata": {"name": kw["name"], "namespace": kw["namespace"]}, "status": copy.deepcopy(status)}
+        stored = self.created[-1]["body"] if self.created else {"metadata": {"name": kw["name"], "namespace": kw["namespace"]}}
+        return {**copy.deepcopy(stored), "status": copy.deepcopy(status)}
 
     def delete_namespaced_custom_object(self, **kw: Any) -> dict[str, Any]:
         _bind(client.CustomObjectsApi, "delete_namespaced_custom_object", kw)
@@ -187,13 +224,14 @@ def previous_handler():
     signal.signal(signal.SIGTERM, original)
 
 
-def run(kind: str, custom: FakeCustomObjects, core: FakeCore | None = None, clock: FakeTime | None = None, **kw: Any):
+def run(kind: str, custom: FakeCustomObjects, core: FakeCore | None = None, clock: FakeTime | None = None,
+        cfg: LaunchConfig | None = None, **kw: Any):
     """``run_cluster_job`` against the fakes; returns ``(result, log text, job name)``."""
     out = io.StringIO()
     clock = clock or FakeTime()
     kw.setdefault("sleep", clock.sleep)
     result = run_cluster_job(
-        cluster_cfg(kind), TRAIN_ARGS, log_to=out, poll_s=10, apis=(custom, core or FakeCore()), clock=clock.clock, **kw
+        cfg or cluster_cfg(kind), TRAIN_ARGS, log_to=out, poll_s=10, apis=(custom, core or FakeCore()), clock=clock.clock, **kw
     )
     name = custom.created[0]["body"]["metadata"]["name"] if custom.created else None
     return result, out.getvalue(), name
@@ -248,6 +286,17 @@ def test_job_state_of_volcano_phases(status, want):
         (pytorchjob(CREATED, cond("Restarting", "False"), cond("Running")), ("RUNNING", "Running PyTorchJobRunning job is running")),
         # Conditions that are not true do not count, whatever their type.
         (pytorchjob(CREATED, cond("Failed", "False"), cond("Succeeded", "Unknown")), ("PENDING", "Created PyTorchJobCreated job is created")),
+        # runPolicy.suspend (Kueue's hold until admission): the operator adds Suspended, a wait.
+        (pytorchjob(CREATED, cond("Suspended", reason="PyTorchJobSuspended", message="PyTorchJob m3i/j is suspended.")),
+         ("PENDING", "Suspended PyTorchJobSuspended PyTorchJob m3i/j is suspended.")),
+        # Suspended while running (Kueue preemption): Running turns false, the job waits again.
+        (pytorchjob(CREATED, cond("Running", "False", reason="PyTorchJobSuspended"), cond("Suspended", reason="PyTorchJobSuspended")),
+         ("PENDING", "Suspended PyTorchJobSuspended job is suspended")),
+        # Admitted: Suspended turns false (Resumed) and the job is Created until its pods run.
+        (pytorchjob(CREATED, cond("Suspended", "False", reason="PyTorchJobResumed", message="PyTorchJob m3i/j is resumed.")),
+         ("PENDING", "Created PyTorchJobCreated job is created")),
+        (pytorchjob(CREATED, cond("Suspended", "False", reason="PyTorchJobResumed"), cond("Running")),
+         ("RUNNING", "Running PyTorchJobRunning job is running")),
     ],
 )
 def test_job_state_of_pytorchjob_conditions(status, want):
@@ -255,6 +304,60 @@ def test_job_state_of_pytorchjob_conditions(status, want):
     if status is not None:
         job["status"] = status
     assert job_state("pytorchjob", job) == want
+
+
+TRAINJOB_STATES = [
+    (None, ("PENDING", "Created")),  # just created: the Trainer has not written a status yet
+    (trainjob(SUSPENDED), ("PENDING", "Suspended Suspended TrainJob is suspended")),
+    # Kueue keeps its JobSet's Jobs suspended too.
+    (trainjob(SUSPENDED, suspended=1), ("PENDING", "Suspended Suspended TrainJob is suspended")),
+    (trainjob(RESUMED), ("PENDING", "Resumed TrainJob is resumed")),  # admitted, no Job yet
+    (trainjob(RESUMED, active=1), ("PENDING", "Starting node: 1 active")),  # pods pending: scheduled, pulling
+    (trainjob(active=1), ("PENDING", "Starting node: 1 active")),
+    (trainjob(active=0), ("PENDING", "Starting node: 0 active")),  # a JobSet restart recreates its Jobs
+    (trainjob(RESUMED, active=1, ready=1), ("RUNNING", "Running node: 1 active, 1 ready")),
+    (trainjob(active=1, ready=1, progress=42), ("RUNNING", "Running node: 1 active, 1 ready, 42% done")),
+    (trainjob(COMPLETE, succeeded=1), ("SUCCEEDED", "Complete AllJobsCompleted jobset completed successfully")),
+    (trainjob(MAX_RESTARTS, failed=1),
+     ("FAILED", "Failed ReachedMaxRestarts jobset failed due to reaching max number of restarts (first failed job: j-node-0)")),
+    (trainjob(tcond("Failed", "FailedJobs", "jobset failed due to one or more job failures (first failed job: j-node-0)"), failed=1),
+     ("FAILED", "Failed FailedJobs jobset failed due to one or more job failures (first failed job: j-node-0)")),
+    # activeDeadlineSeconds: the Trainer fails the job and deletes its JobSet, whatever else it says.
+    (trainjob(RESUMED, DEADLINE, active=1, ready=1), ("FAILED", "Failed DeadlineExceeded TrainJob exceeded its active deadline")),
+]
+
+
+@pytest.mark.parametrize("status, want", TRAINJOB_STATES)
+def test_job_state_of_trainjob_conditions(status, want):
+    job = {"apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "TrainJob", "metadata": {"name": "j"}}
+    if status is not None:
+        job["status"] = status
+    assert job_state("trainjob", job) == want
+
+
+@pytest.mark.parametrize("status", [s for s, _ in TRAINJOB_STATES if s] + [s for s in RUN_OK["trainjob"] + RUN_FAILED["trainjob"] if s])
+def test_trainjob_statuses_here_are_valid_per_the_crd(status):
+    """The statuses these tests feed job_state are ones the TrainJob CRD (v2.3.0) accepts."""
+    assert_valid({**render(cluster_cfg("trainjob"), TRAIN_ARGS), "status": status}, TRAINJOB_CRD)
+
+
+@pytest.mark.parametrize("kind, status", [
+    ("trainjob", trainjob(SUSPENDED)),
+    ("pytorchjob", pytorchjob(CREATED, cond("Suspended", reason="PyTorchJobSuspended", message="PyTorchJob m3i/j is suspended."))),
+])
+def test_a_suspended_job_labelled_for_kueue_waits_for_admission(kind, status):
+    job = {"metadata": {"name": "j", "labels": {KUEUE_QUEUE_LABEL: "training"}}, "status": status}
+    state, detail = job_state(kind, job)
+    assert state == "PENDING" and detail.endswith(" (waiting for Kueue to admit it from LocalQueue training)")
+
+
+def test_trainjob_pods_are_found_by_their_jobset():
+    """Kubeflow Trainer names the TrainJob's JobSet after it; JobSet labels each pod with the JobSet's name."""
+    spec = JOB_KINDS["trainjob"]
+    assert (spec.group, spec.version, spec.plural) == ("trainer.kubeflow.org", "v1alpha1", "trainjobs")
+    core = FakeCore()
+    ClusterJob("trainjob", render(cluster_cfg("trainjob"), TRAIN_ARGS, job_name="m3i-train-x1"), apis=(FakeCustomObjects([{}]), core)).pods()
+    assert core.listed == [{"namespace": "m3i", "label_selector": "jobset.sigs.k8s.io/jobset-name=m3i-train-x1"}]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -335,14 +438,16 @@ def test_failed_job_is_reported_and_deleted(kind):
     assert (result.state, result.ok, result.exit_code, result.handle) == ("FAILED", False, 1, f"m3i:{name}")
     assert len(custom.deleted) == 1
     failed = lines_of(out, f"m3i:{name}: FAILED")
-    assert len(failed) == 1 and ("failed 6 times" in failed[0] or "exited with code 1" in failed[0])
+    assert len(failed) == 1 and FAILED_DETAIL[kind] in failed[0]
     assert "p-0 Traceback: boom" in out.splitlines()
 
 
 @pytest.mark.parametrize("kind, statuses, state", [
     ("volcano", RUN_OK["volcano"], "SUCCEEDED"),
     ("pytorchjob", RUN_OK["pytorchjob"], "SUCCEEDED"),
+    ("trainjob", RUN_OK["trainjob"], "SUCCEEDED"),
     ("volcano", RUN_FAILED["volcano"], "FAILED"),
+    ("trainjob", RUN_FAILED["trainjob"], "FAILED"),
     ("volcano", [volcano("Aborted")], "CANCELLED"),
 ])
 def test_keep_leaves_a_finished_job(kind, statuses, state):
@@ -437,7 +542,7 @@ def test_follow_logs_follows_at_most_max_pods_at_once():
 
 def test_unknown_kind_is_refused_naming_it():
     job = render(cluster_cfg("volcano"), TRAIN_ARGS)
-    with pytest.raises(ValueError, match=r"'slurm'.*\['pytorchjob', 'volcano'\]"):
+    with pytest.raises(ValueError, match=r"'slurm'.*\['pytorchjob', 'trainjob', 'volcano'\]"):
         ClusterJob("slurm", job, apis=(FakeCustomObjects([{}]), FakeCore()))
 
 
@@ -545,6 +650,39 @@ def test_transient_api_errors_while_polling_are_tolerated():
     result = run_cluster_job(cluster_cfg(), TRAIN_ARGS, log_to=out, apis=(custom, FakeCore()), sleep=lambda s: None, clock=lambda: 0.0)
     assert result.state == "SUCCEEDED" and len(custom.deleted) == 1
     assert out.getvalue().count("status read failed") == 2
+
+
+# --- Kueue ---------------------------------------------------------------------------------------------
+
+
+QUEUED = {
+    "trainjob": [trainjob(SUSPENDED), trainjob(SUSPENDED), trainjob(RESUMED), trainjob(RESUMED, active=1),
+                 trainjob(RESUMED, active=1, ready=1), trainjob(RESUMED, COMPLETE, succeeded=1)],
+    "pytorchjob": [
+        pytorchjob(CREATED, cond("Suspended", reason="PyTorchJobSuspended")),
+        pytorchjob(CREATED, cond("Suspended", reason="PyTorchJobSuspended")),
+        pytorchjob(CREATED, cond("Suspended", "False", reason="PyTorchJobResumed")),
+        pytorchjob(CREATED, cond("Suspended", "False", reason="PyTorchJobResumed"), cond("Running")),
+        pytorchjob(CREATED, cond("Suspended", "False", reason="PyTorchJobResumed"), cond("Running", "False"), cond("Succeeded")),
+    ],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(QUEUED))
+def test_a_job_queued_by_kueue_waits_then_runs(kind):
+    """launch.kueue: the job goes in labelled for its LocalQueue; while Kueue holds it suspended it is a
+    wait (pods not even listed), then it runs, is followed and deleted as any other."""
+    custom = FakeCustomObjects(QUEUED[kind])
+    core = FakeCore(pods=[pod("p-0", "Running")], logs={"p-0": "step 1\n"})
+    result, out, name = run(kind, custom, core, cfg=cluster_cfg(kind, kueue=True, queue="training"))
+    assert custom.created[0]["body"]["metadata"]["labels"][KUEUE_QUEUE_LABEL] == "training"
+    assert result.ok and result.state == "SUCCEEDED" and len(custom.deleted) == 1
+    states = lines_of(out, f"m3i:{name}: ")
+    assert states[0].startswith(f"m3i:{name}: PENDING Suspended ")
+    assert states[0].endswith(" (waiting for Kueue to admit it from LocalQueue training)")
+    assert [s.split()[1] for s in states] == ["PENDING"] * (len(states) - 3) + ["RUNNING", "SUCCEEDED", "deleted"]
+    assert len(core.listed) == 2  # from RUNNING on
+    assert lines_of(out, "p-0 ") == ["p-0 step 1"]
 
 
 # --- restarts (preemption) -----------------------------------------------------------------------------

@@ -4,7 +4,7 @@ The same section drives four targets: torchx's ``local_cwd`` scheduler (processe
 this machine), a Volcano ``Job`` through torchx's ``kubernetes`` scheduler, a Kubeflow
 Training Operator v1 ``PyTorchJob`` and a Kubeflow Trainer v2 ``TrainJob`` (which runs on
 the m3i ``TrainingRuntime`` that manifests/ and the Helm chart install). With ``kueue``
-on, the TrainJob or Volcano Job carries Kueue's queue label. Only names of Kubernetes
+on, the TrainJob, PyTorchJob or Volcano Job carries Kueue's queue label. Only names of Kubernetes
 objects (a Secret, a queue, a runtime, a service account) ever appear here, never a
 credential.
 """
@@ -206,8 +206,9 @@ class LaunchConfig:
     """Volcano queue (``kind: volcano``); with ``kueue`` also the Kueue LocalQueue in ``namespace``."""
 
     kueue: bool = False
-    """Label the TrainJob (``kind: trainjob``) or Volcano Job (``kind: volcano``) with
-    ``kueue.x-k8s.io/queue-name: <queue>``, so that Kueue queues it and admits it against quota."""
+    """Label the TrainJob, PyTorchJob or Volcano Job with ``kueue.x-k8s.io/queue-name: <queue>``, so
+    that Kueue queues it and admits it against quota (Kueue integrates TrainJobs, and PyTorchJobs when
+    its ``kubeflow.org/pytorchjob`` integration is on; it has no Volcano integration)."""
 
     priority_class: str | None = None
     """PriorityClass of the pods, or ``null`` for the cluster default. ``kind: trainjob``: a TrainJob
@@ -299,16 +300,8 @@ class LaunchConfig:
         check_range(s, "run_as_user", self.run_as_user, 1, 2**31 - 1)
         if self.kind == "trainjob":
             self._check_trainjob()
-        if self.kueue:
-            if self.kind == "pytorchjob":
-                raise ValueError(
-                    "launch.kueue=true labels only a TrainJob or a Volcano Job, not launch.kind='pytorchjob'; "
-                    "use launch.kind=trainjob or volcano, or launch.kueue=false"
-                )
-            if not _is_label_value(self.queue):
-                raise ValueError(
-                    f"launch.queue={self.queue!r} must be a label value (at most 63 characters) with launch.kueue=true"
-                )
+        if self.kueue and not _is_label_value(self.queue):
+            raise ValueError(f"launch.queue={self.queue!r} must be a label value (at most 63 characters) with launch.kueue=true")
 
     def _check_trainjob(self) -> None:
         """What Kubeflow Trainer v2 requires of a TrainJob beyond the checks of every kind."""

@@ -5,6 +5,9 @@ the Volcano Job (same image, env, resources, volumes and security; see
 :mod:`m3i.launch.pod`). The operator gives every pod ``MASTER_ADDR``, ``MASTER_PORT``
 (the Master's ``pytorchjob-port``) and ``RANK`` (the pod's index), which the container's
 torchrun command reads through Kubernetes' ``$(VAR)`` expansion, so no shell is needed.
+With ``launch.kueue`` the job carries Kueue's queue label; Kueue then holds it suspended
+(``runPolicy.suspend``) until it admits it, where its ``kubeflow.org/pytorchjob``
+integration is enabled.
 """
 
 from __future__ import annotations
@@ -65,7 +68,8 @@ def render_pytorchjob(
         job_name: Exact ``metadata.name``; by default ``cfg.name`` plus a unique suffix.
 
     Returns:
-        A ``kubeflow.org/v1`` PyTorchJob with a Master and, for ``nodes > 1``, Workers.
+        A ``kubeflow.org/v1`` PyTorchJob with a Master and, for ``nodes > 1``, Workers; with
+        ``cfg.kueue``, labelled ``kueue.x-k8s.io/queue-name: <cfg.queue>``.
     """
     role = build_appdef(cfg, train_args, module=module, subcommand=subcommand).roles[0]
     name = job_name or _job_name(cfg)
@@ -108,7 +112,8 @@ def render_pytorchjob(
         "metadata": {
             "name": name,
             "namespace": cfg.namespace,
-            "labels": {"app.kubernetes.io/name": cfg.name, "app.kubernetes.io/part-of": "m3i"},
+            # Kueue's built-in kubeflow.org/pytorchjob integration queues a job by this label (launch.kueue).
+            "labels": {"app.kubernetes.io/name": cfg.name, "app.kubernetes.io/part-of": "m3i", **cfg.queue_labels()},
         },
         "spec": {
             "nprocPerNode": str(cfg.nproc_per_node),

@@ -3,11 +3,11 @@
     result = run_cluster_job(cfg, train_args)     # cfg.scheduler == "kubernetes"
     result.ok, result.state                        # SUCCEEDED / FAILED / CANCELLED
 
-The pipeline's train step calls this: it creates the Volcano Job or PyTorchJob that
-:func:`m3i.launch.render` renders, polls its status, streams the pods' logs prefixed by pod
-name, and deletes the job when it ends, fails, times out or the step itself is stopped
-(SIGTERM from Kubernetes or KFP). Both kinds go through the ``kubernetes`` client's
-CustomObjectsApi and CoreV1Api, which tests replace with fakes (``apis=``).
+The pipeline's train step calls this: it creates the Volcano Job, PyTorchJob or TrainJob
+that :func:`m3i.launch.render` renders, polls its status, streams the pods' logs prefixed
+by pod name, and deletes the job when it ends, fails, times out or the step itself is
+stopped (SIGTERM from Kubernetes or KFP). Every kind goes through the ``kubernetes``
+client's CustomObjectsApi and CoreV1Api, which tests replace with fakes (``apis=``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, TextIO
 
-from m3i.config.launch import LaunchConfig
+from m3i.config.launch import KUEUE_QUEUE_LABEL, LaunchConfig
 
 if TYPE_CHECKING:
     from m3i.launch import LaunchResult
@@ -29,51 +29,120 @@ __all__ = ["JOB_KINDS", "JobKind", "ClusterJob", "job_state", "run_cluster_job"]
 
 log = logging.getLogger(__name__)
 
+TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
+
+_VOLCANO_DONE = {"Completed": "SUCCEEDED", "Failed": "FAILED", "Aborted": "CANCELLED", "Terminated": "CANCELLED"}
+_PYTORCHJOB_DONE = {"Succeeded": "SUCCEEDED", "Failed": "FAILED"}
+# Failed first: the Trainer keeps a DeadlineExceeded failure whatever the JobSet says.
+_TRAINJOB_DONE = {"Failed": "FAILED", "Complete": "SUCCEEDED"}
+_JOB_COUNTS = ("active", "ready", "succeeded", "failed", "suspended")
+
+
+def _is_true(cond: dict[str, Any]) -> bool:
+    return str(cond.get("status")) == "True"
+
+
+def _describe(cond: dict[str, Any], with_type: bool = True) -> str:
+    parts = (cond.get("type", "") if with_type else "", cond.get("reason") or "", cond.get("message") or "")
+    return " ".join(x for x in parts if x)
+
+
+def _queued(job: dict[str, Any]) -> str:
+    """What a suspended job labelled for Kueue waits for (Kueue suspends it until it admits it)."""
+    queue = ((job.get("metadata") or {}).get("labels") or {}).get(KUEUE_QUEUE_LABEL)
+    return f" (waiting for Kueue to admit it from LocalQueue {queue})" if queue else ""
+
+
+def _volcano_state(job: dict[str, Any]) -> tuple[str, str]:
+    """Volcano writes one phase, ``status.state.phase``."""
+    st = (job.get("status") or {}).get("state") or {}
+    phase = st.get("phase") or "Pending"
+    detail = " ".join(x for x in (phase, st.get("reason") or "", st.get("message") or "") if x)
+    if phase in _VOLCANO_DONE:
+        return _VOLCANO_DONE[phase], detail
+    return ("PENDING" if phase == "Pending" else "RUNNING"), detail
+
+
+def _pytorchjob_state(job: dict[str, Any]) -> tuple[str, str]:
+    """The Training Operator appends each changed condition; the last true one is the current phase.
+
+    ``Suspended`` (``runPolicy.suspend``, which Kueue sets until it admits the job) is a wait,
+    whichever condition comes last.
+    """
+    true = [c for c in (job.get("status") or {}).get("conditions") or [] if _is_true(c)]
+    if not true:
+        return "PENDING", "Created"
+    detail = _describe(true[-1])
+    for c in true:
+        if c.get("type") in _PYTORCHJOB_DONE:
+            return _PYTORCHJOB_DONE[c["type"]], detail
+    suspended = [c for c in true if c.get("type") == "Suspended"]
+    if suspended:
+        return "PENDING", _describe(suspended[-1]) + _queued(job)
+    return ("PENDING" if true[-1].get("type") == "Created" else "RUNNING"), detail
+
+
+def _trainjob_state(job: dict[str, Any]) -> tuple[str, str]:
+    """Kubeflow Trainer v2 sets only ``Complete`` and ``Failed`` (copied from the JobSet) and ``Suspended``.
+
+    There is no Running condition: the job runs once a child Job counts as ready in
+    ``status.jobsStatus`` (one entry per replicated job), i.e. all that Job's pods are ready or
+    done; the Kubeflow SDK likewise calls a TrainJob running once all its node pods run. Until
+    then it waits: suspended (by Kueue until it admits the job, or by ``spec.suspend``), then
+    starting while its pods are created, scheduled and pulled.
+    """
+    status = job.get("status") or {}
+    conds = {c.get("type"): c for c in status.get("conditions") or []}
+    for type_, state in _TRAINJOB_DONE.items():
+        if type_ in conds and _is_true(conds[type_]):
+            return state, _describe(conds[type_])
+    suspended = conds.get("Suspended")
+    if suspended and _is_true(suspended):
+        return "PENDING", _describe(suspended) + _queued(job)
+    jobs = status.get("jobsStatus") or []
+    if not jobs:
+        return "PENDING", _describe(suspended, with_type=False) if suspended else "Created"  # "Resumed TrainJob is resumed"
+    counts = "; ".join(
+        f"{j.get('name', '?')}: " + (", ".join(f"{j[k]} {k}" for k in _JOB_COUNTS if j.get(k)) or "0 active") for j in jobs
+    )
+    if any(j.get("ready") or j.get("succeeded") for j in jobs):
+        progress = (status.get("trainerStatus") or {}).get("progressPercentage")
+        return "RUNNING", f"Running {counts}" + ("" if progress is None else f", {progress}% done")
+    return "PENDING", f"Starting {counts}"
+
 
 @dataclass(frozen=True)
 class JobKind:
-    """Where a job kind lives in the Kubernetes API and how its pods are labelled."""
+    """Where a job kind lives in the Kubernetes API, how to read its state and how its pods are labelled."""
 
     group: str
     version: str
     plural: str
     pod_label: str
     """Label the operator puts on the job's pods, valued with the job's name."""
+    state: Callable[[dict[str, Any]], tuple[str, str]]
+    """``(state, detail)`` of a job object read from the API (see :func:`job_state`)."""
 
 
 JOB_KINDS: dict[str, JobKind] = {
-    "volcano": JobKind("batch.volcano.sh", "v1alpha1", "jobs", "volcano.sh/job-name"),
-    "pytorchjob": JobKind("kubeflow.org", "v1", "pytorchjobs", "training.kubeflow.org/job-name"),
+    "volcano": JobKind("batch.volcano.sh", "v1alpha1", "jobs", "volcano.sh/job-name", _volcano_state),
+    "pytorchjob": JobKind("kubeflow.org", "v1", "pytorchjobs", "training.kubeflow.org/job-name", _pytorchjob_state),
+    # A TrainJob runs as a JobSet of its own name, whose controller labels every pod with it.
+    "trainjob": JobKind("trainer.kubeflow.org", "v1alpha1", "trainjobs", "jobset.sigs.k8s.io/jobset-name", _trainjob_state),
 }
-
-_VOLCANO_DONE = {"Completed": "SUCCEEDED", "Failed": "FAILED", "Aborted": "CANCELLED", "Terminated": "CANCELLED"}
-_PYTORCHJOB_DONE = {"Succeeded": "SUCCEEDED", "Failed": "FAILED"}
-TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
 
 
 def job_state(kind: str, job: dict[str, Any]) -> tuple[str, str]:
     """``(state, detail)`` of a job object: state is PENDING, RUNNING or one of :data:`TERMINAL`.
 
-    Volcano reports ``status.state.phase``; the Training Operator a list of
-    ``status.conditions`` whose last true one is the current phase.
+    PENDING covers every wait before the pods run: not yet seen by its controller, queued
+    or suspended (Kueue), pods being scheduled. Detail is the operator's own words (phase or
+    condition, reason, message), for the log.
+
+    Raises:
+        KeyError: ``kind`` is not one of :data:`JOB_KINDS`.
     """
-    status = job.get("status") or {}
-    if kind == "volcano":
-        st = status.get("state") or {}
-        phase = st.get("phase") or "Pending"
-        detail = " ".join(x for x in (phase, st.get("reason") or "", st.get("message") or "") if x)
-        if phase in _VOLCANO_DONE:
-            return _VOLCANO_DONE[phase], detail
-        return ("PENDING" if phase == "Pending" else "RUNNING"), detail
-    true = [c for c in status.get("conditions") or [] if str(c.get("status")) == "True"]
-    if not true:
-        return "PENDING", "Created"
-    last = true[-1]
-    detail = " ".join(x for x in (last.get("type", ""), last.get("reason") or "", last.get("message") or "") if x)
-    for c in true:
-        if c.get("type") in _PYTORCHJOB_DONE:
-            return _PYTORCHJOB_DONE[c["type"]], detail
-    return ("PENDING" if last.get("type") == "Created" else "RUNNING"), detail
+    return JOB_KINDS[kind].state(job)
 
 
 def _load_apis() -> tuple[Any, Any]:
@@ -87,7 +156,7 @@ def _load_apis() -> tuple[Any, Any]:
 
 
 class ClusterJob:
-    """One Volcano Job or PyTorchJob: create, read its state, follow its pods' logs, delete."""
+    """One Volcano Job, PyTorchJob or TrainJob: create, read its state, follow its pods' logs, delete."""
 
     def __init__(self, kind: str, job: dict[str, Any], apis: tuple[Any, Any] | None = None) -> None:
         if kind not in JOB_KINDS:
@@ -116,7 +185,11 @@ class ClusterJob:
         return job_state(self.kind, self.custom.get_namespaced_custom_object(name=self.name, **self._kw()))
 
     def delete(self) -> None:
-        """Delete the job and, through owner references, its pods; a job already gone is fine."""
+        """Delete the job and, through owner references, its pods; a job already gone is fine.
+
+        Foreground propagation: the job goes only after its dependents, down the owner chain
+        (a TrainJob's JobSet, its Jobs, their pods), so nothing of it is left running.
+        """
         try:
             self.custom.delete_namespaced_custom_object(name=self.name, body={"propagationPolicy": "Foreground"}, **self._kw())
         except Exception as e:  # noqa: BLE001 - the kubernetes client raises ApiException(404) when gone

@@ -36,6 +36,7 @@ from typing import Any, Sequence, TextIO
 import yaml
 
 from m3i.config import Config, load_config, to_dict
+from m3i.config.launch import KINDS
 from m3i.storage import is_remote, join_uri, open_store
 from m3i.storage.base import ObjectInfo
 
@@ -60,8 +61,9 @@ log = logging.getLogger(__name__)
 SOURCE_KINDS = ("labelled", "captions", "unlabelled", "eval_labelled")
 """Kinds of raw input, as the pipeline's parameters and ``shard.*`` name them."""
 
-LAUNCHERS = ("inline", "volcano", "pytorchjob")
-"""``inline``: torchrun inside the train step's own pod (one node); else a Kubernetes job of that kind."""
+LAUNCHERS = ("inline", *KINDS)
+"""``inline``: torchrun inside the train step's own pod (one node); else a Kubernetes job of that
+``launch.kind`` (``volcano``, ``pytorchjob``, ``trainjob``), which the step submits, follows and deletes."""
 
 CONFIG_ENV = "M3I_CONFIG"
 
@@ -304,8 +306,9 @@ def train_model(
 
     ``launcher``: ``inline`` runs ``nodes == 1`` torchrun agent in this process's machine
     (the step's pod on a cluster; 2 CPU processes in a local run) through torchx;
-    ``volcano`` / ``pytorchjob`` create that Kubernetes job, stream its logs, wait for it
-    and delete it. ``0`` / ``-1`` / ``""`` values keep the preset's. A re-run with the same
+    ``volcano`` / ``pytorchjob`` / ``trainjob`` create that Kubernetes job (a Volcano Job, a
+    Training Operator v1 PyTorchJob, a Kubeflow Trainer v2 TrainJob), stream its state and
+    logs, wait for it and delete it (:func:`m3i.launch.watch.run_cluster_job`). ``0`` / ``-1`` / ``""`` values keep the preset's. A re-run with the same
     ``output_uri`` resumes from its latest complete checkpoint.
 
     Raises:
@@ -320,7 +323,9 @@ def train_model(
     if nodes < 1:
         raise ValueError(f"nodes={nodes} must be at least 1")
     if launcher == "inline" and nodes != 1:
-        raise ValueError(f"launcher='inline' trains on the step's own machine; nodes={nodes} needs launcher volcano or pytorchjob")
+        raise ValueError(
+            f"launcher='inline' trains on the step's own machine; nodes={nodes} needs a job launcher, one of {list(KINDS)}"
+        )
     if gpus_per_node < 0:
         raise ValueError(f"gpus_per_node={gpus_per_node} must be >= 0")
     train_set = [f"data.shards={dataset_uri}", f"train.output={output_uri}"]

@@ -196,9 +196,6 @@ imagePullSecrets:
 {{- if and (eq .Values.launch.kind "trainjob") (ne (int .Values.launch.rdzvPort) 29500) }}
 {{- fail (printf "launch.rdzvPort=%v cannot apply with launch.kind=trainjob: Kubeflow Trainer always uses port 29500" .Values.launch.rdzvPort) }}
 {{- end }}
-{{- if and .Values.kueue.enabled (eq .Values.launch.kind "pytorchjob") }}
-{{- fail "kueue.enabled labels TrainJobs and Volcano Jobs only; use launch.kind trainjob or volcano" }}
-{{- end }}
 {{- with .Values.kueue.localQueue }}
 {{- if and $.Values.kueue.enabled .create .name (ne .name $.Values.launch.queue) }}
 {{- fail (printf "kueue.localQueue.name=%s differs from launch.queue=%s, the queue the jobs' kueue.x-k8s.io/queue-name label names" .name $.Values.launch.queue) }}
