@@ -10,16 +10,19 @@ def test_demo_runs_the_main_job_end_to_end(tmp_path, capsys, monkeypatch):
     from tests.prometheus import free_port_pair
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", train_env()["TORCH_EXTENSIONS_DIR"])
-    argv = ["-q", "demo", "--workdir", str(tmp_path / "w"), "--set", "data.batch_size=64", "--set", "train.steps=3"]
+    # two ranks: the demo preset trains in one, the demo must carry any count
+    argv = ["-q", "demo", "--workdir", str(tmp_path / "w"), "--set", "data.batch_size=64", "--set", "train.steps=3",
+            "--set", "launch.nproc_per_node=2"]
     argv += ["--set", f"launch.metrics_port={free_port_pair()}"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "[1/4] demo data" in out and "[2/4] shards" in out and "[3/4] loader" in out and "[4/4] train" in out
-    assert "2560 samples in 10 shards" in out
-    assert "40 batches x 64 = 2560 images" in out and "images/s" in out
-    assert "3 steps on 2 ranks" in out and "loss_img=" in out
     index = json.loads((tmp_path / "w" / "shards" / "index.json").read_text())
-    assert index["totals"]["samples"] == 2880
+    train = index["splits"]["train"]
+    assert train["samples"] == 3600 and index["totals"]["samples"] == 3960  # DemoCounts: 1800 + 1200 + 600, 360 held out
+    assert f"{train['samples']:7d} samples in {len(train['shards'])} shards" in out
+    assert "56 batches x 64 = 3584 images" in out and "images/s" in out  # one epoch on one process, last partial batch dropped
+    assert "3 steps on 2 ranks" in out and "loss_img=" in out
     assert (tmp_path / "w" / "run" / "checkpoints" / "step-00000003" / "complete.json").exists()
 
 

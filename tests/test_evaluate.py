@@ -224,7 +224,7 @@ def test_evaluate_a_checkpoint_writes_every_output(trained, tmp_path, capsys):
     assert "kNN top-1: random init " in printed and "linear probe top-1: random init " in printed and "fine-tune top-1: " in printed
     m = json.loads((out / "metrics.json").read_text())
     assert m["model"]["kind"] == "checkpoint" and m["model"]["step"] == 2
-    assert m["counts"] == {"train": 48, "eval": 16} and m["num_classes"] == 8  # every labelled sample once
+    assert m["counts"] == {"train": 48, "eval": 16} and m["num_classes"] == 6  # every labelled sample once; six demo shapes
     for method in ("knn", "probe", "finetune"):
         assert 0.0 <= m[method]["top1"] <= m[method]["top5"] <= 1.0
         assert sum(map(sum, m[method]["confusion"])) == 16
@@ -232,7 +232,7 @@ def test_evaluate_a_checkpoint_writes_every_output(trained, tmp_path, capsys):
     assert {"knn_top1", "knn_top5", "probe_top1", "probe_top5", "finetune_top1", "feature_std", "eval_samples"} <= set(kfp)
     assert all(isinstance(v, float) for v in kfp.values())
     cm = json.loads((out / "confusion_matrix.json").read_text())
-    assert cm["categories"] == m["classes"] and len(cm["matrix"]) == 8 and all(len(r) == 8 for r in cm["matrix"])
+    assert cm["categories"] == m["classes"] and len(cm["matrix"]) == 6 and all(len(r) == 6 for r in cm["matrix"])
     with Image.open(out / "confusion.png") as img:
         assert img.format == "PNG" and img.width > 200
     assert "| linear probe |" in (out / "report.md").read_text()

@@ -346,7 +346,7 @@ def test_local_cwd_runs_two_ranks(tmp_path, monkeypatch):
     assert (failed.state, failed.exit_code) == ("FAILED", 1)
     # after torchrun's report, the rank's own error, once per replica
     tail = log.getvalue().splitlines()[-1]
-    assert re.fullmatch(r"m3i launch: m3i/0 failed with: .*RuntimeError: probe rank [01] was told to fail", tail), log.getvalue()[-2000:]
+    assert re.fullmatch(r"m3i launch: m3i_launch_probe/0 failed with: .*RuntimeError: probe rank [01] was told to fail", tail), log.getvalue()[-2000:]
 
 
 # --- config validation and CLI ------------------------------------------------------------------
