@@ -21,6 +21,7 @@ from m3i.launch import launch, render, to_yaml
 from m3i.launch.pod import POD_LABELS, resources
 from m3i.launch.trainjob import NODE, PATCH_MANAGER, render_trainjob, render_training_runtime
 from tests.k8s_schema import assert_valid, errors, validate_core
+from tests.test_launch import FakeCustomObjectsApi, gpu_cfg
 
 TRAINJOB_CRD = "trainer.kubeflow.org_trainjobs.yaml"
 RUNTIME_CRDS = {
@@ -42,26 +43,7 @@ PATCHABLE_CONTAINER = {"name", "env", "volumeMounts", "securityContext"}
 
 def trainjob_cfg(**kw) -> LaunchConfig:
     """A GPU node pool TrainJob, as a production config would set it."""
-    base = dict(
-        scheduler="kubernetes",
-        kind="trainjob",
-        nodes=2,
-        nproc_per_node=8,
-        gpus_per_node=8,
-        cpu=90,
-        memory="900Gi",
-        shm_size="64Gi",
-        node_selector={"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"},
-        tolerations=("nvidia.com/gpu:NoSchedule", "pool=gpu:NoExecute"),
-        s3_secret="m3i-s3",
-        namespace="m3i",
-        queue="training",
-        priority_class="m3i-train",
-        service_account="m3i-trainer",
-        max_retries=5,
-    )
-    base.update(kw)
-    return LaunchConfig(**base)
+    return gpu_cfg(**{"kind": "trainjob", **kw})
 
 
 # --- a model of what Kubeflow Trainer v2.3 makes of a runtime and a TrainJob ----------------
@@ -349,18 +331,6 @@ def test_cli_dryrun_prints_a_valid_trainjob(capsys):
     assert trainer["numNodes"] == 2 and trainer["numProcPerNode"] == 1
     assert trainer["command"][-5:] == ["train", "--preset", "demo", *METRICS_SET]
     assert job["spec"]["runtimeRef"]["name"] == "m3i-torch"
-
-
-class FakeCustomObjectsApi:
-    """Records what would be created; the kubernetes client's CustomObjectsApi call shape."""
-
-    def __init__(self, *_, **__):
-        self.created: list[dict] = []
-        FakeCustomObjectsApi.last = self
-
-    def create_namespaced_custom_object(self, group, version, namespace, plural, body):
-        self.created.append({"group": group, "version": version, "namespace": namespace, "plural": plural, "body": body})
-        return {"metadata": {"name": body["metadata"]["name"]}}
 
 
 def test_submit_trainjob_creates_the_rendered_job(monkeypatch):

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from m3i.config.launch import LaunchConfig
+from m3i.launch.k8s import create_custom_object, escape_refs, unique_job_name
 from m3i.launch.pod import apply_pod_policy
 from m3i.launch.torchx_app import build_appdef, train_command
 
@@ -22,11 +23,6 @@ __all__ = ["render_pytorchjob", "submit_pytorchjob", "torchrun_command"]
 
 CONTAINER = "pytorch"  # the operator finds the master port and injects env only in this container
 PORT_NAME = "pytorchjob-port"
-
-
-def _escape(arg: str) -> str:
-    # Kubernetes expands $(NAME) in command and args; $$ keeps a literal one in user arguments.
-    return arg.replace("$(", "$$(")
 
 
 def torchrun_command(cfg: LaunchConfig, args: Sequence[str], module: str = "m3i") -> list[str]:
@@ -40,14 +36,8 @@ def torchrun_command(cfg: LaunchConfig, args: Sequence[str], module: str = "m3i"
         "--master_port=$(MASTER_PORT)",
         "-m",
         module,
-        *(_escape(a) for a in args),
+        *(escape_refs(a) for a in args),
     ]
-
-
-def _job_name(cfg: LaunchConfig) -> str:
-    from torchx.schedulers.ids import make_unique
-
-    return make_unique(cfg.name)
 
 
 def render_pytorchjob(
@@ -72,7 +62,7 @@ def render_pytorchjob(
         ``cfg.kueue``, labelled ``kueue.x-k8s.io/queue-name: <cfg.queue>``.
     """
     role = build_appdef(cfg, train_args, module=module, subcommand=subcommand).roles[0]
-    name = job_name or _job_name(cfg)
+    name = job_name or unique_job_name(cfg)
     # TORCHX_* vars only make sense under torchx's own schedulers.
     env = {k: v for k, v in role.env.items() if not k.startswith("TORCHX_")}
     ports = {PORT_NAME: cfg.rdzv_port, **{n: p for n, p in role.port_map.items() if n != "c10d"}}
@@ -129,14 +119,4 @@ def submit_pytorchjob(job: dict[str, Any]) -> str:
     Needs the ``kubernetes`` client, a reachable cluster with the Training Operator, and
     rights to create ``pytorchjobs.kubeflow.org`` in the job's namespace.
     """
-    from kubernetes import client, config
-
-    try:
-        config.load_incluster_config()
-    except config.ConfigException:
-        config.load_kube_config()
-    ns = job["metadata"]["namespace"]
-    resp = client.CustomObjectsApi().create_namespaced_custom_object(
-        group="kubeflow.org", version="v1", namespace=ns, plural="pytorchjobs", body=job
-    )
-    return f"{ns}:{resp['metadata']['name']}"
+    return create_custom_object(job, "pytorchjobs")

@@ -38,7 +38,7 @@ from typing import Any, Sequence
 
 from m3i.config.launch import TRAINER_MASTER_PORT, LaunchConfig
 from m3i.launch.pod import POD_LABELS, SHM_VOLUME, apply_pod_policy, resources
-from m3i.launch.pytorchjob import _escape
+from m3i.launch.k8s import create_custom_object, escape_refs, unique_job_name
 from m3i.launch.torchx_app import train_command, train_env
 
 __all__ = [
@@ -88,14 +88,8 @@ def torchrun_command(args: Sequence[str], module: str = "m3i") -> list[str]:
         "--master_port=$(PET_MASTER_PORT)",
         "-m",
         module,
-        *(_escape(a) for a in args),
+        *(escape_refs(a) for a in args),
     ]
-
-
-def _job_name(cfg: LaunchConfig) -> str:
-    from torchx.schedulers.ids import make_unique
-
-    return make_unique(cfg.name)
 
 
 def _check_job_name(name: str) -> None:
@@ -128,7 +122,7 @@ def render_trainjob(
     Raises:
         ValueError: ``job_name`` is not an RFC 1035 label.
     """
-    name = job_name or _job_name(cfg)
+    name = job_name or unique_job_name(cfg)
     _check_job_name(name)
     args = train_command(cfg, train_args, module=module, subcommand=subcommand)
     # TORCHX_* vars only make sense under torchx's own schedulers.
@@ -305,14 +299,4 @@ def submit_trainjob(job: dict[str, Any]) -> str:
     runtime the job references, and rights to create ``trainjobs.trainer.kubeflow.org`` in
     the job's namespace.
     """
-    from kubernetes import client, config
-
-    try:
-        config.load_incluster_config()
-    except config.ConfigException:
-        config.load_kube_config()
-    ns = job["metadata"]["namespace"]
-    resp = client.CustomObjectsApi().create_namespaced_custom_object(
-        group=GROUP, version=VERSION, namespace=ns, plural="trainjobs", body=job
-    )
-    return f"{ns}:{resp['metadata']['name']}"
+    return create_custom_object(job, "trainjobs")
