@@ -218,13 +218,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """kNN and linear probe (and an optional fine-tune) of an exported model or a checkpoint, against random init."""
+    from m3i.config import is_set
     from m3i.evaluate import evaluate, score_lines
 
     extra = [
         *([f"evaluate.model={args.model}"] if args.model else []),
         *([f"evaluate.out={args.out}"] if args.out else []),
     ]
-    r = evaluate(_load(args, extra))
+    overrides = [*args.overrides, *extra]
+    r = evaluate(_load(args, extra), data_from_model=not is_set("data.shards", args.preset, args.config, overrides))
     m = r.metrics
     print(
         f"evaluated {m['model']['name']} ({m['model']['kind']}, step {m['model']['step']}) on {m['data']['shards']}: "

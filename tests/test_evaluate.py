@@ -305,6 +305,43 @@ def test_an_exported_model_scores_exactly_like_its_checkpoint(trained, tmp_path)
     assert m["model"]["kind"] == "exported" and m["model"]["step"] == 2 and m["model"]["image_size"] == 32
 
 
+@pytest.mark.slow
+def test_a_model_is_scored_on_its_recorded_data_unless_data_shards_is_set(trained, tmp_path, caplog):
+    import logging
+    import shutil
+
+    from m3i.cli import main
+    from m3i.export import export
+
+    exported = export(load_config(None, trained["train_yaml"], [f"export.checkpoint={trained['run']}", f"export.out={tmp_path / 'models'}"]))
+    assert json.loads((Path(exported.uri) / "export.json").read_text())["data_shards"] == trained["shards"]
+    small = ["--set", "evaluate.probe_epochs=5", "--set", "evaluate.batch_size=16", "--set", "evaluate.num_workers=0"]
+    for name, model in (("export", exported.uri), ("run", str(trained["run"]))):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="m3i"):
+            # no --config: data.shards is nowhere, so the default would be m3i-data/shards (absent here)
+            assert main(["evaluate", "--model", model, "--out", str(tmp_path / name), *small]) == 0
+        m = json.loads((tmp_path / name / "metrics.json").read_text())
+        assert m["data"]["shards"] == trained["shards"] and m["counts"] == {"train": 48, "eval": 16}
+        assert f"data: {trained['shards']} (the data set the model records" in caplog.text
+    other = shutil.copytree(trained["shards"], tmp_path / "other-shards")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="m3i"):
+        assert main(["evaluate", "--model", exported.uri, "--out", str(tmp_path / "explicit"), "--set", f"data.shards={other}", *small]) == 0
+    assert json.loads((tmp_path / "explicit" / "metrics.json").read_text())["data"]["shards"] == str(other)
+    assert f"data: {other} (data.shards as given)" in caplog.text
+
+
+def test_is_set_tells_a_given_value_from_a_default(tmp_path):
+    from m3i.config import is_set
+
+    f = tmp_path / "c.yaml"
+    f.write_text("data:\n  shards: /x\n")
+    assert not is_set("data.shards", "demo", None, ["evaluate.k=5"])
+    assert is_set("data.shards", None, None, ["data.shards=/y"]) and is_set("data.shards", None, f)
+    assert is_set("evaluate.k", None, None, ["evaluate.k=5"]) and not is_set("evaluate.model", None, f)
+
+
 @pytest.mark.s3
 @pytest.mark.slow
 def test_evaluate_a_model_and_write_results_on_s3(trained, tmp_path, s3_bucket):

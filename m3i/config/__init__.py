@@ -36,6 +36,7 @@ __all__ = [
     "ObjectiveConfig",
     "ShardConfig",
     "TrainConfig",
+    "is_set",
     "load_config",
     "list_presets",
     "to_dict",
@@ -116,6 +117,28 @@ def load_config(
     Raises:
         ValueError: On an unknown preset, section or key, or a value a section rejects.
     """
+    return from_dict(Config, _raw_config(preset, config_file, overrides), section="config")
+
+
+def is_set(key: str, preset: str | None = None, config_file: str | Path | None = None, overrides: Sequence[str] = ()) -> bool:
+    """Whether the preset, the config file or an override gives ``key`` (``section.name``) a value.
+
+    Lets a command tell a value the user chose from a dataclass default it may replace with a
+    better one (``m3i evaluate`` uses the data set the model records unless ``data.shards`` is set).
+
+    Raises:
+        ValueError: As :func:`load_config` does.
+    """
+    node: Any = _raw_config(preset, config_file, overrides)
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _raw_config(preset: str | None, config_file: str | Path | None, overrides: Sequence[str]) -> dict[str, Any]:
+    """The merged sections of the preset, the file and the overrides, before defaults and validation."""
     data: dict[str, Any] = {}
     if preset:
         names = list_presets()
@@ -128,8 +151,7 @@ def load_config(
         if not path.is_file():
             raise ValueError(f"--config {str(path)!r} is not a file")
         data = _merge(data, _read_yaml(path.read_text(), str(path)))
-    data = apply_overrides(data, overrides)
-    return from_dict(Config, data, section="config")
+    return apply_overrides(data, overrides)
 
 
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

@@ -72,6 +72,9 @@ class Encoder:
     history_uri: str = ""
     """Folder whose ``history.jsonl`` is the training history of these weights: a checkpoint's run
     output (the folder holding ``checkpoints/``), an export's own folder; empty when there is none."""
+    data_shards: str = ""
+    """The data set (``data.shards``) the weights were trained on, as the export's ``export.json`` or
+    the checkpoint's run config records it; empty when the model records none."""
 
 
 def random_init(encoder: Encoder) -> nn.Module:
@@ -99,6 +102,12 @@ def _recorded_seed(manifest: dict[str, Any]) -> tuple[int, str]:
     if seed is None:
         seed = ((manifest.get("train_config") or {}).get("train") or {}).get("seed")
     return (int(seed), EXPORT_MANIFEST) if isinstance(seed, int) else (0, "default")
+
+
+def _recorded_data(manifest: dict[str, Any]) -> str:
+    """The training data set an export's manifest records (``data_shards``, or ``data.shards`` of a ``train_config``)."""
+    shards = manifest.get("data_shards") or ((manifest.get("train_config") or {}).get("data") or {}).get("shards")
+    return shards if isinstance(shards, str) else ""
 
 
 def embed(module: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -181,6 +190,7 @@ def _encoder_from_export(uri: str) -> Encoder:
         seed=seed,
         seed_source=seed_source,
         history_uri=store.uri,
+        data_shards=_recorded_data(manifest),
     )
 
 
@@ -238,6 +248,7 @@ def _encoder_from_checkpoint(uri: str) -> Encoder:
         seed=cfg.train.seed,
         seed_source="run config",
         history_uri=_run_output(src.uri),
+        data_shards=cfg.data.shards,
     )
 
 

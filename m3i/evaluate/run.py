@@ -115,8 +115,24 @@ def score_random_init(encoder: Encoder, index: ShardIndex, transform: Any, cfg: 
     }
 
 
-def evaluate(cfg: Config) -> EvalResult:
+def _data_shards(cfg: Config, encoder: Encoder, data_from_model: bool) -> str:
+    """The data set to score on; logged with where it comes from."""
+    if data_from_model and encoder.data_shards:
+        log.info("data: %s (the data set the model records; set data.shards to score on another)", encoder.data_shards)
+        return encoder.data_shards
+    if data_from_model:
+        log.info("data: %s (data.shards default: the model records no data set)", cfg.data.shards)
+    else:
+        log.info("data: %s (data.shards as given)", cfg.data.shards)
+    return cfg.data.shards
+
+
+def evaluate(cfg: Config, *, data_from_model: bool = False) -> EvalResult:
     """Score ``cfg.evaluate.model`` on the labelled samples of ``cfg.data.shards``.
+
+    With ``data_from_model`` the data set the model records (:attr:`Encoder.data_shards`: what it
+    was trained on) replaces ``cfg.data.shards``; a model that records none falls back to it.
+    ``m3i evaluate`` sets it when the user gave no ``data.shards``.
 
     The model's own image size and normalisation are used (from the checkpoint's run config or
     the export's ``config.json``), not ``data.image_size``. With ``evaluate.random_init`` the same
@@ -135,9 +151,10 @@ def evaluate(cfg: Config) -> EvalResult:
     e = cfg.evaluate
     t0 = time.monotonic()
     encoder = load_encoder(e.model)
-    index = read_split_index(cfg.data.shards)
+    shards = _data_shards(cfg, encoder, data_from_model)
+    index = read_split_index(shards)
     if index.num_classes < 2:
-        raise ValueError(f"data.shards={cfg.data.shards!r} has {index.num_classes} classes; evaluation needs at least 2")
+        raise ValueError(f"data.shards={shards!r} has {index.num_classes} classes; evaluation needs at least 2")
     expected_classes = encoder.info.get("num_classes")
     if expected_classes and int(expected_classes) != index.num_classes:
         log.warning("the model was trained with %s classes, %s has %d", expected_classes, index.uri, index.num_classes)

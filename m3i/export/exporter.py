@@ -289,6 +289,7 @@ def _publish(out: Path, uri: str, hashes: dict[str, str], f: CardFacts) -> Store
             "step": f.step,
             "checkpoint": f.checkpoint,
             "run_id": f.run_id,
+            "data_shards": f.data_shards,
             "data_index_sha256": f.data_index_sha256,
             "inputs_sha256": f.inputs_sha256,
             "m3i_version": f.m3i_version_export,
