@@ -133,6 +133,57 @@ def test_bad_inputs_are_skipped_counted_listed(demo, tmp_path):
     assert not (tmp_path / "strict" / INDEX_KEY).exists()
 
 
+def test_skip_reasons_name_the_cause_and_are_the_same_every_run(demo, tmp_path):
+    import io
+
+    from PIL import Image
+
+    lab = tmp_path / "labelled"
+    for p in sorted(Path(demo["labelled"]).rglob("*.png"))[:12]:
+        dst = lab / p.parent.name / p.name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_bytes(p.read_bytes())
+    cls = sorted(d for d in lab.iterdir())[0]
+    (cls / "garbage.jpg").write_bytes(b"this is text, not a JPEG")
+    buf = io.BytesIO()
+    Image.effect_noise((64, 64), 50).convert("RGB").save(buf, format="JPEG")
+    (cls / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    runs = []
+    for out in ("a", "b"):
+        cfg = ShardConfig(out=str(tmp_path / out), labelled=(str(lab),), max_samples_per_shard=8, max_bad_fraction=0.5, workers=2)
+        runs.append(json.dumps(shard(cfg, progress=False).raw["bad"], sort_keys=True).encode())
+    assert runs[0] == runs[1]
+    reasons = {b["id"].rsplit("/", 1)[-1]: b["reason"] for b in json.loads(runs[0])["items"]}
+    assert reasons == {
+        "garbage.jpg": "undecodable image: not an image (PIL cannot identify it)",
+        "truncated.jpg": "undecodable image: truncated image",
+    }
+
+
+def test_decode_reasons_are_short_and_carry_no_addresses(monkeypatch, tmp_path):
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    from m3i.shard.encode import EncodeOptions, decode_reason, encode_sample
+    from m3i.shard.sources import InputItem
+
+    assert decode_reason(UnidentifiedImageError("cannot identify image file <_io.BytesIO object at 0x7f3a2b1c0d90>")) == (
+        "not an image (PIL cannot identify it)"
+    )
+    assert decode_reason(OSError("Truncated File Read")) == decode_reason(OSError("image file is truncated (3 bytes not processed)"))
+    assert decode_reason(OSError("broken data stream when reading <_io.BufferedReader name=3> at 0x7f00ab")) == (
+        "corrupt image (broken data stream when reading)"
+    )
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    for side in (40, 50):  # PIL warns between the limit and twice it, and raises above
+        path = tmp_path / f"big-{side}.png"
+        Image.new("RGB", (side, side)).save(path)
+        item = InputItem(source="labelled", id=path.name, path=str(path), split="train")
+        with pytest.raises(OSError, match=rf"^undecodable image: too large \({side * side} pixels > limit 1000\)$"):
+            encode_sample(item, {}, EncodeOptions(None, True, 90))
+
+
 def test_byte_cap_splits_shards(demo, tmp_path):
     out = tmp_path / "shards"
     cap = 3 * 10240  # a multiple of tar's 10 KiB record, which pads every file
