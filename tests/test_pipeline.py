@@ -401,6 +401,53 @@ def test_run_local_end_to_end(tmp_path):
     json.dumps(r.manifests)  # manifests are plain JSON
 
 
+@pytest.mark.slow
+def test_run_local_on_the_users_labelled_folder(tmp_path):
+    """Given inputs replace the demo data: a labelled folder alone, a held-out share of it, two steps."""
+    from m3i.pipeline.local import run_local
+
+    labelled = small_demo(tmp_path / "mine")["labelled"]
+    r = run_local(
+        tmp_path / "w",
+        sources={"labelled": [labelled]},
+        arguments={"steps": 2, "probe_epochs": 5, "eval_fraction": 0.25},
+        overrides=["checkpoint.interval_steps=2", "data.num_workers=0", "launch.nproc_per_node=1", "data.batch_size=16"],
+    )
+    assert not (tmp_path / "w" / "raw").exists()  # no demo data written
+    data = r.manifests["shard/dataset"]
+    assert set(k for k, v in data["sources"].items() if v) == {"labelled"}
+    assert data["splits"]["eval"]["samples"] > 0
+    assert r.manifests["train/checkpoint"]["steps"] == 2
+    assert r.scores["eval_samples"] == data["splits"]["eval"]["samples"]
+
+
+def test_run_local_takes_the_shard_input_flags(monkeypatch, tmp_path, capsys):
+    import m3i.pipeline.local as local
+    from m3i.cli import main
+
+    seen = {}
+
+    def fake(*a, **kw):
+        seen.update(kw)
+        return local.LocalRun(tmp_path, str(tmp_path / "store"), tmp_path / "kfp", 1.0)
+
+    monkeypatch.setattr(local, "run_local", fake)
+    argv = ["pipeline", "run-local", "--workdir", str(tmp_path), "--labelled", "a", "--labelled", "b", "--captions", "c.jsonl"]
+    assert main([*argv, "--unlabelled", "u", "--eval-labelled", "e", "--eval-fraction", "0.2"]) == 0
+    assert seen["sources"] == {"labelled": ["a", "b"], "captions": ["c.jsonl"], "unlabelled": ["u"], "eval_labelled": ["e"]}
+    assert seen["arguments"] == {"eval_fraction": 0.2}
+    assert "your data -> shard" in capsys.readouterr().out
+    assert main(["pipeline", "run-local", "--workdir", str(tmp_path)]) == 0
+    assert seen["sources"] == {} and "demo data -> shard" in capsys.readouterr().out
+
+
+def test_run_local_rejects_an_unknown_source_kind(tmp_path):
+    from m3i.pipeline.local import run_local
+
+    with pytest.raises(ValueError, match=r"sources has kinds \['photos'\]; allowed kinds are"):
+        run_local(tmp_path, sources={"photos": ["x"]})
+
+
 def test_run_local_prints_random_init_against_trained(monkeypatch, tmp_path, capsys):
     """The summary of `m3i pipeline run-local` puts each score next to its random-init baseline."""
     import m3i.pipeline.local as local

@@ -4,7 +4,7 @@
     m3i pipeline upload    [--package FILE] [--version NAME]
     m3i pipeline run       [--param KEY=VALUE ...] [--params JSON] [--experiment m3i] [--run-name NAME] [--service-account SA]
     m3i pipeline schedule  --cron "0 3 * * 0" [--name NAME] [--param KEY=VALUE ...] [--max-concurrency 1]
-    m3i pipeline run-local [--workdir m3i-data/pipeline] [--steps N] [--set section.key=value ...]
+    m3i pipeline run-local [--workdir m3i-data/pipeline] [--steps N] [--labelled DIR ...] [--set section.key=value ...]
     m3i pipeline params                                   # the pipeline's parameters and defaults
 
 upload/run/schedule read the endpoint and auth from KFP_HOST, KFP_NAMESPACE, KFP_TOKEN,
@@ -73,8 +73,13 @@ def cmd_run_local(args: argparse.Namespace) -> int:
     arguments: dict[str, Any] = {}
     if args.steps:
         arguments["steps"] = args.steps
-    print(f"m3i-pretrain on this machine (kfp.local): demo data -> shard -> train -> export -> evaluate, under {args.workdir}")
-    r = run_local(args.workdir, arguments=arguments, overrides=args.overrides, run_name=args.run_name)
+    if args.eval_fraction is not None:
+        arguments["eval_fraction"] = args.eval_fraction
+    sources = {"labelled": args.labelled, "captions": args.captions, "unlabelled": args.unlabelled, "eval_labelled": args.eval_labelled}
+    sources = {k: v for k, v in sources.items() if v}
+    data = "your data" if sources else "demo data"
+    print(f"m3i-pretrain on this machine (kfp.local): {data} -> shard -> train -> export -> evaluate, under {args.workdir}")
+    r = run_local(args.workdir, arguments=arguments, overrides=args.overrides, run_name=args.run_name, sources=sources)
     print(f"pipeline finished in {r.seconds:.0f}s")
     data = r.manifests.get("shard/dataset", {})
     run = r.manifests.get("train/checkpoint", {})
@@ -135,10 +140,16 @@ def add_pipeline_parser(sub: Any) -> argparse.ArgumentParser:
     c.add_argument("--package", metavar="FILE")
     c.set_defaults(func=cmd_params)
 
-    c = ps.add_parser("run-local", help="run the whole pipeline here on the demo data with kfp.local")
+    c = ps.add_parser("run-local", help="run the whole pipeline here with kfp.local, on your data (as m3i shard takes it) or the demo's")
     c.add_argument("--workdir", default="m3i-data/pipeline", help="where everything goes (default: %(default)s)")
     c.add_argument("--steps", type=int, default=0, help="training steps (default: the demo preset's)")
     c.add_argument("--run-name", default="local", help="runs/<name>, evals/<name>; reusing it resumes training")
+    # the inputs of `m3i shard`; with none of them the demo data is written under --workdir and used
+    c.add_argument("--labelled", action="append", metavar="DIR", help="folder of class sub-folders (repeatable)")
+    c.add_argument("--captions", action="append", metavar="FILE", help="JSONL/CSV of image,caption (repeatable)")
+    c.add_argument("--unlabelled", action="append", metavar="DIR", help="folder of images (repeatable)")
+    c.add_argument("--eval-labelled", action="append", metavar="DIR", help="held-out folder of class sub-folders (repeatable)")
+    c.add_argument("--eval-fraction", type=float, help="fraction of each labelled class held out (the pipeline's eval_fraction)")
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     c.set_defaults(func=cmd_run_local)
     return p

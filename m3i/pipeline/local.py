@@ -1,6 +1,7 @@
 """Run the ``m3i-pretrain`` pipeline on this machine with ``kfp.local`` (no cluster, no GPU).
 
     result = run_local("m3i-data/pipeline")      # demo data -> shards -> train -> export -> evaluate
+    result = run_local("w", sources={"labelled": ["photos/"]})   # your own data instead of the demo's
     result.scores, result.artifacts
 
 The same compiled components run as subprocesses of this Python (``SubprocessRunner(
@@ -63,8 +64,9 @@ def run_local(
     storage_uri: str | None = None,
     run_name: str = "local",
     demo_size: int | None = None,
+    sources: dict[str, Sequence[str]] | None = None,
 ) -> LocalRun:
-    """Write the demo data under ``workdir`` and run the whole pipeline on it.
+    """Run the whole pipeline on ``sources``, or on demo data written under ``workdir`` when none is given.
 
     Args:
         workdir: Everything goes under it: ``raw/`` (demo images), ``store/`` (the pipeline's
@@ -74,18 +76,20 @@ def run_local(
         storage_uri: Where the steps write (default ``<workdir>/store``; ``s3://...`` works too).
         run_name: Names ``runs/<run_name>`` and ``evals/<run_name>``; reusing it resumes training.
         demo_size: Side of the demo images in pixels (default: the demo data's).
+        sources: Raw inputs by kind, as ``m3i shard`` takes them: ``labelled``, ``captions``,
+            ``unlabelled``, ``eval_labelled`` -> folders / files (local or ``s3://``). Kinds left out
+            are empty. When no kind has an entry, the demo data is used.
 
     Raises:
         RuntimeError: A step failed (kfp.local's log above says which and why).
+        ValueError: ``sources`` has a kind other than the four.
     """
     from kfp import local
 
-    from m3i.demo import DemoCounts, make_demo_data
     from m3i_components.pipeline import m3i_pretrain
 
     root = Path(workdir).resolve()
-    raw = root / "raw"
-    paths = make_demo_data(raw, DemoCounts(**({"size": demo_size} if demo_size else {})))
+    inputs = _inputs(sources, root / "raw", demo_size)
     storage = storage_uri or str(root / "store")
     pipeline_root = root / "kfp"
     tmp = root / "tmp"
@@ -93,10 +97,7 @@ def run_local(
     tmp.mkdir(parents=True)
     args = {
         **DEMO_ARGUMENTS,
-        "labelled": [paths["labelled"]],
-        "captions": [paths["captions"]],
-        "unlabelled": [paths["unlabelled"]],
-        "eval_labelled": [paths["eval"]],
+        **inputs,
         "storage_uri": storage,
         "run_name": run_name,
         "overrides": list(overrides),
@@ -129,6 +130,24 @@ def run_local(
     result = LocalRun(root, storage, runs[-1], seconds)
     _collect(result)
     return result
+
+
+def _inputs(sources: dict[str, Sequence[str]] | None, raw: Path, demo_size: int | None) -> dict[str, list[str]]:
+    """The pipeline's four source arguments: the given ones (local paths made absolute, since the
+    steps run in other folders), else demo data written to ``raw``."""
+    from m3i.pipeline.steps import SOURCE_KINDS
+    from m3i.storage import is_remote
+
+    sources = sources or {}
+    unknown = set(sources) - set(SOURCE_KINDS)
+    if unknown:
+        raise ValueError(f"sources has kinds {sorted(unknown)}; allowed kinds are {list(SOURCE_KINDS)}")
+    if any(sources.get(k) for k in SOURCE_KINDS):
+        return {k: [p if is_remote(p) else str(Path(p).expanduser().resolve()) for p in sources.get(k) or []] for k in SOURCE_KINDS}
+    from m3i.demo import DemoCounts, make_demo_data
+
+    paths = make_demo_data(raw, DemoCounts(**({"size": demo_size} if demo_size else {})))
+    return {"labelled": [paths["labelled"]], "captions": [paths["captions"]], "unlabelled": [paths["unlabelled"]], "eval_labelled": [paths["eval"]]}
 
 
 def _collect(result: LocalRun) -> None:
