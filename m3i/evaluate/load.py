@@ -209,18 +209,10 @@ def _group_names(cfg: Config, num_classes: int):
     return names
 
 
-def _run_output(checkpoint_uri: str) -> str:
-    """The run output holding ``checkpoints/step-XXXXXXXX``; empty when the checkpoint lies elsewhere."""
-    from m3i.train.checkpoint import PREFIX
-
-    parent, _, _ = checkpoint_uri.rstrip("/").rpartition("/")
-    run, _, folder = parent.rpartition("/")
-    return (run or ".") if folder == PREFIX else ""
-
-
 def _encoder_from_checkpoint(uri: str) -> Encoder:
     """The online encoder of a checkpoint, read in float32 by the exporter's reader (every ZeRO stage)."""
     from m3i.export import PREFIXES, BackboneReader, locate_checkpoint
+    from m3i.train.checkpoint import run_output_of
     from m3i.models import create_backbone
 
     src = locate_checkpoint(uri)
@@ -247,7 +239,7 @@ def _encoder_from_checkpoint(uri: str) -> Encoder:
         build=functools.partial(create_backbone, cfg),
         seed=cfg.train.seed,
         seed_source="run config",
-        history_uri=_run_output(src.uri),
+        history_uri=run_output_of(src.uri) or "",
         data_shards=cfg.data.shards,
     )
 

@@ -38,7 +38,7 @@ from m3i.export.safetensors_stream import write_safetensors
 from m3i.export.source import CheckpointSource, locate_checkpoint
 from m3i.export.zero import BackboneReader
 from m3i.storage import Store, join_uri, open_store, sha256_file
-from m3i.train.checkpoint import PREFIX
+from m3i.train.checkpoint import run_output_of
 from m3i.train.history import HISTORY_FILE, read_history, render_history
 
 __all__ = ["export", "ExportResult", "MANIFEST", "PREFIXES", "WEIGHTS"]
@@ -141,19 +141,9 @@ def _check_keys(reader: BackboneReader, expected: dict[str, tuple[int, ...]], ar
         )
 
 
-def _run_of(checkpoint_uri: str) -> str | None:
-    """The run output holding ``<output>/checkpoints/step-XXXXXXXX``; ``None`` for a checkpoint outside that layout."""
-    parts = checkpoint_uri.rstrip("/").rsplit("/", 2)
-    if len(parts) == 3 and parts[1] == PREFIX:
-        return parts[0]
-    if len(parts) == 2 and parts[0] == PREFIX:
-        return "."
-    return None
-
-
 def _history_rows(src: CheckpointSource) -> list[dict[str, Any]]:
     """The run's history up to the exported step: the curves that led to these weights, none after."""
-    run = _run_of(src.uri)
+    run = run_output_of(src.uri)
     return [r for r in read_history(run) if r["step"] <= src.step] if run is not None else []
 
 

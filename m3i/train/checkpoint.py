@@ -31,12 +31,22 @@ from m3i.config.train import CheckpointConfig
 from m3i.storage import Store, StorageError, open_store
 from m3i.train.dist import DistInfo, all_ok, barrier, broadcast_object
 
-__all__ = ["Checkpointer", "CheckpointRef", "find_latest", "PREFIX"]
+__all__ = ["Checkpointer", "CheckpointRef", "find_latest", "run_output_of", "PREFIX"]
 
 log = logging.getLogger(__name__)
 PREFIX = "checkpoints"
 MARKER = "complete.json"
 _TAG = re.compile(r"^step-(\d{8})$")
+
+
+def run_output_of(checkpoint_uri: str) -> str | None:
+    """The run output holding ``<output>/checkpoints/step-XXXXXXXX``; ``None`` for a checkpoint outside that layout."""
+    parts = checkpoint_uri.rstrip("/").rsplit("/", 2)
+    if len(parts) == 3 and parts[1] == PREFIX:
+        return parts[0]
+    if len(parts) == 2 and parts[0] == PREFIX:
+        return "."
+    return None
 
 
 @dataclass(frozen=True)
