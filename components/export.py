@@ -16,7 +16,7 @@ def export(checkpoint_uri: str, storage_uri: str, model_name: str, preset: str, 
         model_name: Name of the exported model; empty derives it from the backbone.
         preset: m3i config preset.
         overrides: ``section.key=value`` config overrides.
-        model: JSON manifest of the export: its URI, files, timm architecture and the weights' sha256.
+        model: JSON manifest of the export: its URI, files, architecture (the network's name), timm constructor and the weights' sha256.
     """
     import json
 
@@ -25,5 +25,5 @@ def export(checkpoint_uri: str, storage_uri: str, model_name: str, preset: str, 
     m = export_model(checkpoint_uri, run_uri(storage_uri, "models"), name=model_name, preset=preset, overrides=overrides)
     with open(model.path, "w") as f:
         json.dump(m, f, indent=2)
-    model.metadata.update({k: m[k] for k in ("uri", "name", "version", "step", "sha256", "architecture")})
+    model.metadata.update({k: m[k] for k in ("uri", "name", "version", "step", "sha256", "architecture", "timm_architecture")})
     print(json.dumps(m, indent=2))

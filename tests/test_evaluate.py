@@ -371,6 +371,46 @@ def test_evaluate_a_model_and_write_results_on_s3(trained, tmp_path, s3_bucket):
         assert torch.equal(embed(enc.module, x), embed(load_exported(str(handmade)), x))
 
 
+def _as_written_by_format_1(folder: Path) -> Path:
+    """An export as m3i wrote it before the network had a name of its own: ``config.json`` without
+    ``m3i_architecture`` and ``export.json``'s ``architecture`` timm's constructor."""
+    config = json.loads((folder / "config.json").read_text())
+    del config["m3i_architecture"]
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    manifest = json.loads((folder / "export.json").read_text())
+    manifest.update(format_version=1, architecture=manifest.pop("timm_architecture"))
+    (folder / "export.json").write_text(json.dumps(manifest, indent=2))
+    return folder
+
+
+def test_an_export_of_the_old_format_still_evaluates_and_initialises_a_run(trained, tmp_path):
+    import shutil
+
+    from m3i.export import export
+    from m3i.models import build_model
+    from m3i.train.loop import init_backbone
+
+    new = export(load_config(None, trained["train_yaml"], [f"export.checkpoint={trained['run']}", f"export.out={tmp_path / 'models'}"]))
+    old = _as_written_by_format_1(Path(shutil.copytree(new.uri, tmp_path / "old")))
+    assert json.loads((old / "config.json").read_text())["architecture"] == "vit_tiny_patch16_224"
+    encoders = {"old": load_encoder(str(old)), "new": load_encoder(new.uri), "checkpoint": load_encoder(str(trained["run"]))}
+    x = torch.randn(2, 3, 32, 32)
+    for source, enc in encoders.items():  # one name for one network, however it is stored
+        assert enc.info["architecture"] == "vit_w96_d4_h3_p8_32" and enc.info["timm_architecture"] == "vit_tiny_patch16_224", source
+        with torch.no_grad():
+            assert torch.equal(embed(enc.module, x), embed(encoders["checkpoint"].module, x)), source
+
+    m = _evaluate(trained, str(old), tmp_path / "eval").metrics
+    assert m["model"]["kind"] == "exported" and m["model"]["step"] == 2 and m["model"]["architecture"] == "vit_w96_d4_h3_p8_32"
+    assert m["random_init"]["architecture"] == "vit_w96_d4_h3_p8_32" and 0.0 <= m["knn"]["top1"] <= 1.0
+
+    cfg = load_config(None, trained["train_yaml"], [f"train.init_from={old}"])
+    model = build_model(cfg, num_classes=6)
+    assert init_backbone(cfg, model)["kind"] == "exported"
+    want = encoders["old"].module.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in model.backbone.state_dict().items())
+
+
 # ---------------------------------------------------------------------------- random-init baseline, loss curves
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -178,7 +179,7 @@ def test_timm_loads_the_export_in_a_fresh_process_without_m3i(tmp_path, fake):
 import json, sys, timm, torch
 x = torch.load({str(tmp_path / 'x.pt')!r})
 a = timm.create_model("local-dir:{r.uri}", pretrained=True).eval()
-b = timm.create_model("{r.architecture}", pretrained=True,
+b = timm.create_model("{r.timm_architecture}", pretrained=True,
     pretrained_cfg_overlay=dict(file="{r.weights}", num_classes=0), {args}).eval()
 with torch.no_grad():
     fa, fb = a(x), b(x)
@@ -199,6 +200,73 @@ print(json.dumps(timm.data.resolve_data_config({{}}, model=a)))
     assert data["crop_pct"] == 0.875 and data["interpolation"] == "bicubic"
     card = Path(r.card).read_text()
     assert 'timm.create_model("local-dir:' in card and "pretrained_cfg_overlay=dict(file=" in card
+
+
+def _card_code(card: str) -> list[str]:
+    """The model card's ```python blocks, in order."""
+    return re.findall(r"```python\n(.*?)```", card, flags=re.S)
+
+
+def test_the_demo_export_names_its_network_and_its_cards_snippets_load_it_in_plain_timm(tmp_path):
+    """Issue #13: the demo preset's 96-wide, 4-block, patch-8, 32 px ViT is not called vit_tiny_patch16_224;
+    both snippets of its card, run as written in a fresh process without m3i, give the model's features."""
+    from PIL import Image
+
+    from m3i.config import load_config
+    from m3i.models import build_model
+
+    cfg = load_config("demo")
+    assert (cfg.model.backbone, cfg.model.patch_size, cfg.data.image_size) == ("m3i_vit_micro", 8, 32)
+    torch.manual_seed(0)
+    model = build_model(cfg, num_classes=6)
+    with torch.no_grad():
+        for p in model.backbone.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    _fake_zero0_checkpoint(tmp_path / "run", cfg, model, step=5)
+    r = _export(tmp_path, str(tmp_path / "run"), str(tmp_path / "models"), name="demo")
+    folder = Path(r.uri)
+    config = json.loads((folder / "config.json").read_text())
+    manifest = json.loads((folder / "export.json").read_text())
+    card = (folder / "README.md").read_text()
+    row = next(line for line in card.splitlines() if line.startswith("| architecture |"))
+    for named in (r.architecture, config["m3i_architecture"], manifest["architecture"], row):
+        assert "vit_w96_d4_h3_p8_32" in named and "patch16" not in named and "224" not in named, named
+    assert next(iter(config)) == "m3i_architecture"  # the first thing a reader of config.json sees
+    assert config["architecture"] == manifest["timm_architecture"] == "vit_tiny_patch16_224"  # timm's constructor
+    assert config["model_args"] == {"embed_dim": 96, "depth": 4, "num_heads": 3, "num_classes": 0, "img_size": 32,
+                                    "patch_size": 8, "global_pool": "max"}
+    assert "`vit_w96_d4_h3_p8_32`, a timm VisionTransformer built as timm's `vit_tiny_patch16_224` with the arguments below" in card
+
+    by_folder, by_file = _card_code(card)
+    Image.new("RGB", (40, 48), (200, 30, 90)).save(tmp_path / "image.png")
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    torch.save(x, tmp_path / "x.pt")
+    here = f"/path/to/demo/{r.version}"
+    assert here in by_folder and here in by_file
+    code = "\n".join([
+        "import sys, torch",
+        "from PIL import Image",
+        f"image = Image.open({str(tmp_path / 'image.png')!r}).convert('RGB')",
+        f"x = torch.load({str(tmp_path / 'x.pt')!r})",
+        by_folder.replace(here, r.uri),  # as printed, but for the folder
+        "with torch.no_grad():",
+        "    out = {'card': features.detach(), 'folder': model(x)}",
+        by_file.replace(here, r.uri),
+        "with torch.no_grad():",
+        "    out['file'] = model(x)",
+        "assert 'm3i' not in sys.modules",
+        f"torch.save(out, {str(tmp_path / 'y.pt')!r})",
+    ])
+    env = train_env()
+    env.pop("PYTHONPATH", None)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert p.returncode == 0, code + "\n" + p.stderr[-3000:]
+    out = torch.load(tmp_path / "y.pt")
+    with torch.no_grad():
+        expected = model.eval().encode(x)  # [3, 96]
+    assert out["card"].shape == (1, 96) and torch.isfinite(out["card"]).all()
+    torch.testing.assert_close(out["folder"], expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(out["folder"], out["file"])
 
 
 def test_model_card_manifest_and_sums_are_true(tmp_path, fake):
@@ -222,6 +290,10 @@ def test_model_card_manifest_and_sums_are_true(tmp_path, fake):
     assert manifest["step"] == 3 and manifest["encoder"] == "online" and manifest["evaluation"]["knn"]["top1"] == 0.4321
     config = json.loads((folder / "config.json").read_text())
     assert config["architecture"] == "vit_tiny_patch16_224" and config["num_classes"] == 0 and config["num_features"] == 96
+    # timm's constructor stays in `architecture` (plain timm needs a timm name); the network is named beside it.
+    assert config["m3i_architecture"] == manifest["architecture"] == r.architecture == "vit_w96_d4_h3_p8_32"
+    assert manifest["timm_architecture"] == r.timm_architecture == "vit_tiny_patch16_224" and manifest["format_version"] == 2
+    assert "| architecture | `vit_w96_d4_h3_p8_32`, " in card and "| timm constructor | `vit_tiny_patch16_224` with the model args below |" in card
     assert config["model_args"] == {"embed_dim": 96, "depth": 4, "num_heads": 3, "num_classes": 0, "img_size": 32, "patch_size": 8, "global_pool": "avg"}
     plain = _export(tmp_path, fake["run"], str(tmp_path / "models2"))
     assert "Not yet evaluated." in Path(plain.card).read_text()
@@ -278,7 +350,7 @@ def test_a_checkpoint_that_does_not_match_its_architecture_is_refused(tmp_path, 
     model = build_model(cfg, num_classes=4)
     wrong = _cfg(tmp_path, model={"patch_size": 4})  # the manifest says patch 4, the weights are patch 8
     _fake_zero0_checkpoint(tmp_path / "run", wrong, model, step=1)
-    with pytest.raises(ValueError, match="does not match timm vit_tiny_patch16_224"):
+    with pytest.raises(ValueError, match=r"does not match vit_w96_d4_h3_p4_32 \(timm vit_tiny_patch16_224 with .*'patch_size': 4"):
         _export(tmp_path, str(tmp_path / "run"), str(tmp_path / "m"))
 
 

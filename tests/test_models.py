@@ -126,6 +126,59 @@ def test_unknown_or_non_vit_backbones_are_rejected(name, match):
         create_backbone(tiny_cfg(backbone=name))
 
 
+def _meta_backbone(cfg: Config):
+    with torch.device("meta"):  # shapes only
+        return create_backbone(cfg)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_a_variant_keeps_its_name_only_at_its_own_patch_and_image_size(name):
+    from m3i.models.registry import architecture_name, spelled_name
+
+    spec = resolve_backbone(name)
+    with torch.device("meta"):
+        own = timm.create_model(spec.timm_name, num_classes=0, **spec.kwargs)  # the variant as its name builds it
+    size, patch = own.patch_embed.img_size[0], own.patch_embed.patch_size[0]
+    for pool in ("avg", "max", "token"):  # pooling is not part of the name
+        cfg = tiny_cfg(f"model.global_pool={pool}", "objective.mix_images=false", backbone=name, size=size, patch=patch)
+        assert architecture_name(_meta_backbone(cfg), name) == name
+    resized = _meta_backbone(tiny_cfg(backbone=name, size=64, patch=8))
+    got = architecture_name(resized, name)
+    width, depth, heads = own.embed_dim, len(own.blocks), own.blocks[0].attn.num_heads
+    assert got == spelled_name(resized) == f"vit_w{width}_d{depth}_h{heads}_p8_64" and "patch16" not in got
+
+
+def test_the_demo_backbone_is_named_from_its_real_dims():
+    from m3i.models.registry import architecture_name
+
+    cfg = load_config("demo")
+    assert architecture_name(_meta_backbone(cfg), cfg.model.backbone) == "vit_w96_d4_h3_p8_32"
+    demo64 = load_config("demo", overrides=["data.image_size=64"])
+    assert architecture_name(_meta_backbone(demo64), demo64.model.backbone) == "vit_w96_d4_h3_p8_64"
+    # An old export's config.json only has timm's constructor: that name is no claim on the network either.
+    assert architecture_name(_meta_backbone(cfg), "vit_tiny_patch16_224") == "vit_w96_d4_h3_p8_32"
+
+
+@pytest.mark.parametrize(
+    "timm_name, claimed, want",
+    [
+        ("vit_base_patch16_224", "vit_base_patch16_224", "vit_base_patch16_224"),  # a timm name that builds it exactly
+        ("vit_base_patch16_224", "m3i_vit_base", "m3i_vit_base"),
+        ("vit_small_patch16_224", "vit_base_patch16_224", "vit_w384_d12_h6_p16_224"),  # a wrong claim
+        ("vit_base_patch16_clip_224", "vit_base_patch16_224", "vit_w768_d12_h12_p16_224"),  # pre-norm: not the same network
+        ("vit_little_patch16_reg1_gap_256", "", "vit_w320_d14_h5_p16_256_mlp1792_nocls_reg1"),
+        ("vit_tiny_patch16_224", "resnet18", "vit_w192_d12_h3_p16_224"),  # not a ViT
+        ("vit_tiny_patch16_224", "not_a_model", "vit_w192_d12_h3_p16_224"),
+    ],
+)
+def test_architecture_name_keeps_a_true_claim_and_spells_out_the_rest(timm_name, claimed, want):
+    from m3i.models.registry import architecture_name
+
+    with torch.device("meta"):
+        net = timm.create_model(timm_name, num_classes=0)
+    assert architecture_name(net, claimed) == want
+
+
 def test_patch_size_and_image_size_come_from_config():
     cfg = tiny_cfg(size=48, patch=8)
     bb = create_backbone(cfg)

@@ -10,6 +10,12 @@ Either way the encoder is a plain timm ViT (``num_classes=0``). For a checkpoint
 online encoder (``backbone.*``, the one ``M3IModel.encode`` runs), read in float32 by
 :class:`m3i.export.BackboneReader` (any ZeRO stage, world size and precision), exactly what
 ``m3i export`` writes; :func:`embed` gives the same features as ``M3IModel.encode``.
+
+An export is built as timm builds it: ``config.json``'s ``architecture`` (timm's constructor)
+with its ``model_args``. ``Encoder.info["architecture"]`` names the network itself, for both
+sources: an export's ``m3i_architecture``, or for an export written before m3i recorded it (its
+``architecture`` was only the constructor) :func:`m3i.models.registry.architecture_name` of the
+loaded network, as for a checkpoint.
 """
 
 from __future__ import annotations
@@ -62,6 +68,8 @@ class Encoder:
     step: int | None = None
     """Training step of the weights, where known."""
     info: dict[str, Any] = field(default_factory=dict)
+    """``architecture`` (what the network is, e.g. ``vit_w96_d4_h3_p8_32``), ``timm_architecture`` (the
+    timm name that constructs it), ``run_id``, and per source ``version`` or ``num_classes``."""
     build: Callable[[], nn.Module] | None = None
     """Builds the same architecture with fresh weights drawn from the global torch RNG (see :func:`random_init`)."""
     seed: int = 0
@@ -171,10 +179,21 @@ def _data_cfg(config: dict[str, Any], model: nn.Module) -> dict[str, Any]:
     }
 
 
+def _exported_architecture(config: dict[str, Any], module: nn.Module) -> str:
+    """What an exported network is: ``config.json``'s ``m3i_architecture``, else (an older export, whose
+    ``architecture`` is only timm's constructor) the name :func:`m3i.models.registry.architecture_name`
+    gives the loaded ``module``."""
+    from m3i.models.registry import architecture_name
+
+    recorded = config.get("m3i_architecture")
+    return recorded if isinstance(recorded, str) and recorded else architecture_name(module, config["architecture"])
+
+
 def _encoder_from_export(uri: str) -> Encoder:
     store = open_store(uri)
     config = read_exported_config(uri)
     module = load_exported(uri)
+    network = _exported_architecture(config, module)
     # export.json (the export's manifest) names the model and its provenance; absent in a bare folder.
     manifest = store.read_json(EXPORT_MANIFEST) if store.exists(EXPORT_MANIFEST) else {}
     seed, seed_source = _recorded_seed(manifest)
@@ -183,9 +202,12 @@ def _encoder_from_export(uri: str) -> Encoder:
         **_data_cfg(config, module),
         kind="exported",
         uri=store.uri,
-        name=str(manifest.get("name") or config["architecture"]),
+        name=str(manifest.get("name") or network),
         step=manifest.get("step"),
-        info={"architecture": config["architecture"], "run_id": manifest.get("run_id", ""), "version": manifest.get("version", "")},
+        info={
+            "architecture": network, "timm_architecture": config["architecture"],
+            "run_id": manifest.get("run_id", ""), "version": manifest.get("version", ""),
+        },
         build=functools.partial(timm.create_model, config["architecture"], **_exported_args(config)),
         seed=seed,
         seed_source=seed_source,
@@ -213,7 +235,8 @@ def _encoder_from_checkpoint(uri: str) -> Encoder:
     """The online encoder of a checkpoint, read in float32 by the exporter's reader (every ZeRO stage)."""
     from m3i.export import PREFIXES, BackboneReader, locate_checkpoint
     from m3i.train.checkpoint import run_output_of
-    from m3i.models import create_backbone
+    from m3i.models import backbone_kwargs, create_backbone
+    from m3i.models.registry import architecture_name
 
     src = locate_checkpoint(uri)
     if not isinstance(src.manifest.get("config"), dict):
@@ -228,14 +251,18 @@ def _encoder_from_checkpoint(uri: str) -> Encoder:
         state = {name: tensor.clone() for name, tensor in reader}
         del reader  # drops the memory maps before the folder goes
     module.load_state_dict(state, strict=True)
+    network = architecture_name(module, cfg.model.backbone)
     return Encoder(
         module=module.eval(),
         image_size=cfg.data.image_size,
         kind="checkpoint",
         uri=src.uri,
-        name=str(src.manifest.get("run_id") or cfg.model.backbone),
+        name=str(src.manifest.get("run_id") or network),
         step=src.step,
-        info={"architecture": cfg.model.backbone, "run_id": src.manifest.get("run_id", ""), "num_classes": num_classes},
+        info={
+            "architecture": network, "timm_architecture": backbone_kwargs(cfg)[0],
+            "run_id": src.manifest.get("run_id", ""), "num_classes": num_classes,
+        },
         build=functools.partial(create_backbone, cfg),
         seed=cfg.train.seed,
         seed_source="run config",

@@ -4,6 +4,13 @@
 ``num_classes``, ``num_features``, ``global_pool``, ``model_args``, ``pretrained_cfg``), so
 ``timm.create_model("local-dir:<folder>", pretrained=True)`` rebuilds the architecture
 with the exact arguments and takes the preprocessing (input size, mean, std, crop) from it.
+
+timm reads ``architecture`` as the constructor to call, so it has to be a timm model name,
+and ``model_args`` may override every size in it (``vit_tiny_patch16_224`` with
+``patch_size=8, img_size=32``). ``m3i_architecture``, first in the file, names the network
+itself (:func:`m3i.models.registry.architecture_name`): the variant or timm name when that
+name alone builds it, else one spelled from its dimensions (``vit_w96_d4_h3_p8_32``).
+timm ignores the key; the card, ``export.json`` and ``m3i evaluate`` use it.
 """
 
 from __future__ import annotations
@@ -22,9 +29,20 @@ EVAL_CROP_PCT = 0.875
 """The centre crop of :class:`m3i.transforms.EvalTransform` (bicubic resize of the short side to S / 0.875)."""
 
 
-def timm_config(architecture: str, model_args: dict[str, Any], num_features: int, image_size: int) -> dict[str, Any]:
-    """timm's hub ``config.json`` for a headless backbone trained on ``image_size`` px, ImageNet-normalised inputs."""
+def timm_config(
+    architecture: str, model_args: dict[str, Any], num_features: int, image_size: int, name: str = ""
+) -> dict[str, Any]:
+    """timm's hub ``config.json`` for a headless backbone trained on ``image_size`` px, ImageNet-normalised inputs.
+
+    Args:
+        architecture: The timm model name to construct it with.
+        model_args: Its keyword arguments (they override the sizes the name implies).
+        num_features: Width of the pooled embedding.
+        image_size: Side of the square training input.
+        name: What the network is (``m3i_architecture``); ``""`` takes ``architecture``.
+    """
     return {
+        "m3i_architecture": name or architecture,
         "architecture": architecture,
         "num_classes": 0,
         "num_features": num_features,
@@ -69,7 +87,9 @@ class CardFacts:
     dtype: str
     weights_source: str
     architecture: str
+    """What the network is (:func:`m3i.models.registry.architecture_name`), e.g. ``vit_w96_d4_h3_p8_32``."""
     model_args: dict[str, Any]
+    """timm's constructor arguments; with :attr:`timm_architecture` they build the network exactly."""
     num_features: int
     num_params: int
     image_size: int
@@ -95,6 +115,13 @@ class CardFacts:
     """Rows of the run's ``history.jsonl`` shipped beside the weights (0: none)."""
     init_from: dict[str, Any] | None = None
     """The checkpoint metadata's ``init_from``: where the run's backbone started from, if not random."""
+    timm_architecture: str = ""
+    """The timm model name that constructs it with :attr:`model_args`; ``""``: :attr:`architecture` itself."""
+
+    @property
+    def constructor(self) -> str:
+        """The timm name to call: :attr:`timm_architecture`, else :attr:`architecture`."""
+        return self.timm_architecture or self.architecture
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
@@ -114,7 +141,7 @@ def _fmt(v: Any) -> str:
 
 def render_card(f: CardFacts) -> str:
     """The model card (``README.md``, Hugging Face style: YAML front matter, then Markdown)."""
-    by_folder, by_file = load_call(f"/path/to/{f.name}/{f.version}", f.architecture, f.model_args, f.image_size)
+    by_folder, by_file = load_call(f"/path/to/{f.name}/{f.version}", f.constructor, f.model_args, f.image_size)
     revision_train = f.code_revision_train or "not recorded in the checkpoint"
     lines = [
         "---",
@@ -127,12 +154,13 @@ def render_card(f: CardFacts) -> str:
         "",
         f"An image encoder pre-trained with M3I (all-in-one: image->image, image->category, image->text), "
         f"exported from `{f.checkpoint}`: the **{f.encoder}** encoder in **{f.dtype}**, "
-        f"timm `{f.architecture}` with the arguments below, no classifier (`num_classes=0`): "
+        f"{_network(f)}, no classifier (`num_classes=0`): "
         f"`model(x)` returns the pooled {f.num_features}-dimensional embedding.",
         "",
         "| fact | value |",
         "| --- | --- |",
-        f"| architecture | timm `{f.architecture}`, {f.num_params:,} parameters |",
+        f"| architecture | `{f.architecture}`, {f.num_params:,} parameters |",
+        f"| timm constructor | `{f.constructor}` with the model args below |",
         f"| model args | `{f.model_args}` |",
         f"| encoder | {f.encoder} (weights read from: {f.weights_source}) |",
         f"| dtype | {f.dtype} |",
@@ -159,7 +187,9 @@ def render_card(f: CardFacts) -> str:
         f"features = model(transform(image).unsqueeze(0))       # [1, {f.num_features}]",
         "```",
         "",
-        "Without `config.json`, from the weights file alone:",
+        "Without `config.json`, from the weights file alone"
+        + ("" if f.constructor == f.architecture else f" (`{f.constructor}` is timm's constructor; the arguments make it `{f.architecture}`)")
+        + ":",
         "",
         "```python",
         by_file,
@@ -198,6 +228,13 @@ def render_card(f: CardFacts) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _network(f: CardFacts) -> str:
+    """What the encoder is, and how timm builds it when its timm name is not its name."""
+    if f.constructor == f.architecture:
+        return f"timm `{f.architecture}` with the arguments below"
+    return f"`{f.architecture}`, a timm VisionTransformer built as timm's `{f.constructor}` with the arguments below (which set its size)"
 
 
 def _init_from(init: dict[str, Any]) -> str:

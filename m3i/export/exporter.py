@@ -6,7 +6,8 @@
 Under the version prefix::
 
     model.safetensors   the encoder's state dict with timm's key names (``backbone.`` stripped)
-    config.json         timm's hub config: architecture, model_args, preprocessing
+    config.json         timm's hub config: architecture (timm's constructor), model_args, preprocessing,
+                        and m3i_architecture (what the network is: ``vit_w96_d4_h3_p8_32``)
     README.md           the model card
     history.jsonl       the run's per-step loss curves up to the exported step (when the run has them)
     SHA256SUMS          sha256 of the files above
@@ -48,7 +49,9 @@ log = logging.getLogger(__name__)
 MANIFEST = "export.json"
 WEIGHTS = "model.safetensors"
 FORMAT = "m3i-export"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: ``architecture`` names the network and ``timm_architecture`` is timm's constructor; in 1
+``architecture`` was the constructor (``vit_tiny_patch16_224`` for a 96-wide, patch-8 ViT)."""
 PREFIXES = {"online": "backbone.", "ema": "target.backbone."}
 """Where each encoder lives in the M3I module's state dict."""
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -83,9 +86,13 @@ class ExportResult:
     bytes: int
     """Size of ``model.safetensors``."""
     architecture: str
+    """What the network is (:func:`m3i.models.registry.architecture_name`): ``model.backbone`` when that
+    name alone builds it, else one spelled from its dimensions (``vit_w96_d4_h3_p8_32``)."""
     seconds: float
     history: str | None = None
     """URI of ``history.jsonl`` (the run's loss curves up to ``step``); ``None`` when the run recorded none."""
+    timm_architecture: str = ""
+    """The timm model name that builds it with ``config.json``'s ``model_args`` (``config.json``'s ``architecture``)."""
 
 
 def _hash(path: Path) -> str:
@@ -128,7 +135,7 @@ def _optimizer_group_names(train_cfg: Config, num_classes: int):
 
 
 def _check_keys(reader: BackboneReader, expected: dict[str, tuple[int, ...]], arch: str) -> None:
-    """The checkpoint's encoder must have exactly timm's keys and shapes."""
+    """The checkpoint's encoder must have exactly timm's keys and shapes (``arch`` names the network in the error)."""
     prefix = reader.prefix
     have = {k[len(prefix) :] for k in reader.module if k.startswith(prefix)}
     missing, extra = sorted(set(expected) - have), sorted(have - set(expected))
@@ -136,7 +143,7 @@ def _check_keys(reader: BackboneReader, expected: dict[str, tuple[int, ...]], ar
     wrong = [f"{k} {shapes[k]} != {expected[k]}" for k in expected if k in shapes and shapes[k] != expected[k]]
     if missing or extra or wrong:
         raise ValueError(
-            f"the checkpoint's {prefix}* does not match timm {arch}: missing {missing[:5]}, unexpected {extra[:5]}, "
+            f"the checkpoint's {prefix}* does not match {arch}: missing {missing[:5]}, unexpected {extra[:5]}, "
             f"shape mismatches {wrong[:5]}"
         )
 
@@ -171,6 +178,7 @@ def export(cfg: Config) -> ExportResult:
         m3i.storage.StorageError: Storage failed after retries.
     """
     from m3i.models import backbone_kwargs
+    from m3i.models.registry import architecture_name
 
     t0 = time.monotonic()
     e = cfg.export
@@ -192,6 +200,8 @@ def export(cfg: Config) -> ExportResult:
     if set(params) != set(expected):
         raise ValueError(f"timm {arch} has buffers in its state dict ({sorted(set(expected) - set(params))[:5]}); export reads parameters only")
     model_args = {k: v for k, v in kwargs.items() if k not in ("pretrained", "drop_path_rate")}
+    network = architecture_name(net, train_cfg.model.backbone)
+    described = f"timm {arch}" if network == arch else f"{network} (timm {arch} with {model_args})"
     name = _model_name(e.name, str(meta.get("run_id", "")))
     history = _history_rows(src)
     log.info("export: %s (step %d) -> %s/%s, %s encoder in %s", src.uri, src.step, e.out, name, e.weights, e.dtype)
@@ -207,7 +217,7 @@ def export(cfg: Config) -> ExportResult:
             src.keys, src.path, PREFIXES[e.weights], params,
             group_names=_optimizer_group_names(train_cfg, int(meta.get("num_classes") or 0)),
         )
-        _check_keys(reader, expected, arch)
+        _check_keys(reader, expected, described)
         dtype = _DTYPES[e.dtype]
         specs = [(n, expected[n], dtype) for n in params]
         size = write_safetensors(out / WEIGHTS, specs, ((n, t.to(dtype)) for n, t in reader), metadata={"format": "pt"})
@@ -219,7 +229,7 @@ def export(cfg: Config) -> ExportResult:
         world = int(meta.get("world_size", 1))
         facts = CardFacts(
             name=name, version=version, uri=uri, encoder=e.weights, dtype=e.dtype, weights_source=f"`{PREFIXES[e.weights]}*`, {source}",
-            architecture=arch, model_args=model_args, num_features=int(net.num_features),
+            architecture=network, timm_architecture=arch, model_args=model_args, num_features=int(net.num_features),
             num_params=sum(torch.Size(s).numel() for s in expected.values()), image_size=train_cfg.data.image_size,
             step=src.step, planned_steps=train_cfg.train.steps, world_size=world,
             samples_seen=src.step * train_cfg.data.batch_size * train_cfg.train.grad_accum * world,
@@ -233,15 +243,15 @@ def export(cfg: Config) -> ExportResult:
         )
         if history:
             (out / HISTORY_FILE).write_text(render_history(history))
-        hashes = _write_beside(out, facts, timm_config(arch, model_args, facts.num_features, facts.image_size), sha)
+        hashes = _write_beside(out, facts, timm_config(arch, model_args, facts.num_features, facts.image_size, network), sha)
         store = _publish(out, uri, hashes, facts)
     seconds = time.monotonic() - t0
-    log.info("export: %s written in %.1fs", uri, seconds)
+    log.info("export: %s (%s) written in %.1fs", uri, described, seconds)
     return ExportResult(
         uri=uri, weights=store.url(WEIGHTS), config=store.url("config.json"), card=store.url("README.md"),
         sums=store.url("SHA256SUMS"), manifest=store.url(MANIFEST), name=name, version=version, step=src.step,
-        checkpoint=src.uri, encoder=e.weights, dtype=e.dtype, sha256=sha, bytes=size, architecture=arch, seconds=seconds,
-        history=store.url(HISTORY_FILE) if history else None,
+        checkpoint=src.uri, encoder=e.weights, dtype=e.dtype, sha256=sha, bytes=size, architecture=network, seconds=seconds,
+        history=store.url(HISTORY_FILE) if history else None, timm_architecture=arch,
     )
 
 
@@ -263,7 +273,7 @@ def _publish(out: Path, uri: str, hashes: dict[str, str], f: CardFacts) -> Store
     store = open_store(uri)
     for key in hashes:
         store.put_file(key, str(out / key), {"sha256": hashes[key]})
-    by_folder, _ = load_call("<local copy of this folder>", f.architecture, f.model_args, f.image_size)
+    by_folder, _ = load_call("<local copy of this folder>", f.constructor, f.model_args, f.image_size)
     store.write_manifest(
         MANIFEST,
         {
@@ -272,6 +282,7 @@ def _publish(out: Path, uri: str, hashes: dict[str, str], f: CardFacts) -> Store
             "name": f.name,
             "version": f.version,
             "architecture": f.architecture,
+            "timm_architecture": f.constructor,
             "model_args": f.model_args,
             "image_size": f.image_size,
             "encoder": f.encoder,

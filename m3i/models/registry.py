@@ -3,9 +3,14 @@
     model = build_model(cfg, num_classes=8)      # an M3IModel
     backbone = create_backbone(cfg)              # the bare timm ViT, same keys as export
     list_models()                                # ['m3i_vit_base', 'm3i_vit_micro', ...]
+    architecture_name(backbone, "m3i_vit_micro") # 'vit_w96_d4_h3_p8_32' at patch 8, 32 px
 
 ``model.backbone`` accepts a registered variant or any timm VisionTransformer name; the
 backbone is always built without pretrained weights, so nothing is downloaded.
+
+A timm name is a constructor: ``vit_tiny_patch16_224`` with ``patch_size=8, img_size=32`` builds
+no ViT-Ti/16 at 224 px. :func:`architecture_name` is the name that says what a backbone is, for
+exports, evaluation and logs.
 """
 
 from __future__ import annotations
@@ -14,11 +19,21 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import timm
+import torch
 from timm.models import VisionTransformer
 
 from m3i.config import Config
 
-__all__ = ["BackboneSpec", "register_model", "list_models", "resolve_backbone", "backbone_kwargs", "create_backbone"]
+__all__ = [
+    "BackboneSpec",
+    "architecture_name",
+    "backbone_kwargs",
+    "create_backbone",
+    "list_models",
+    "register_model",
+    "resolve_backbone",
+    "spelled_name",
+]
 
 
 @dataclass(frozen=True)
@@ -130,3 +145,65 @@ def create_backbone(cfg: Config) -> VisionTransformer:
             f"allowed: {list_models()} or a timm VisionTransformer"
         )
     return net
+
+
+def spelled_name(net: VisionTransformer) -> str:
+    """A name spelled from the network's dimensions: ``vit_w<width>_d<depth>_h<heads>_p<patch>_<image size>``.
+
+    Suffixes only where the ViT departs from the plain layout: ``_mlp<hidden>`` (MLP not 4x wide),
+    ``_nocls`` (no class token), ``_reg<n>`` (register tokens). A side that is not square reads
+    ``<h>x<w>``. The pooling is not part of it (timm's ``global_pool`` says it). It describes, it does
+    not identify: networks that differ elsewhere (a pre-norm CLIP ViT, say) can share it, so an export
+    keeps timm's constructor and ``model_args`` beside it.
+    """
+    width, depth = int(net.embed_dim), len(net.blocks)
+    heads = int(net.blocks[0].attn.num_heads) if depth else 0
+    name = f"vit_w{width}_d{depth}_h{heads}_p{_side(net.patch_embed.patch_size)}_{_side(net.patch_embed.img_size)}"
+    fc1 = getattr(net.blocks[0].mlp, "fc1", None) if depth else None
+    if isinstance(fc1, torch.nn.Linear) and fc1.out_features != 4 * width:
+        name += f"_mlp{fc1.out_features}"
+    if net.cls_token is None:
+        name += "_nocls"
+    if getattr(net, "num_reg_tokens", 0):
+        name += f"_reg{net.num_reg_tokens}"
+    return name
+
+
+def _side(size: Any) -> str:
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return f"{h}" if h == w else f"{h}x{w}"
+
+
+def _signature(net: VisionTransformer) -> tuple[Any, ...]:
+    """What two ViTs must share to be the same network: every tensor's name and shape, heads, patch and image size."""
+    heads = int(net.blocks[0].attn.num_heads) if len(net.blocks) else 0
+    shapes = sorted((k, tuple(v.shape)) for k, v in net.state_dict().items())
+    return shapes, heads, tuple(net.patch_embed.patch_size), tuple(net.patch_embed.img_size)
+
+
+def _builds_exactly(name: str, net: VisionTransformer) -> bool:
+    """Whether ``name`` alone (a variant or timm name, at its own patch and image size) builds ``net``."""
+    try:
+        spec = resolve_backbone(name)
+        with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+            native = timm.create_model(spec.timm_name, **{**spec.kwargs, "pretrained": False, "num_classes": 0, "global_pool": net.global_pool})
+    except (ValueError, TypeError, RuntimeError, AssertionError):  # unknown, not a ViT, or this pooling is not its
+        return False
+    return isinstance(native, VisionTransformer) and _signature(native) == _signature(net)
+
+
+def architecture_name(net: VisionTransformer, claimed: str = "") -> str:
+    """The name that says what ``net`` is.
+
+    ``claimed`` (the run's ``model.backbone``, or an old export's timm ``architecture``) when that
+    name alone builds exactly this network; else :func:`spelled_name`. ``m3i_vit_micro`` at patch 8
+    and 32 px is ``vit_w96_d4_h3_p8_32``; ``m3i_vit_base`` at patch 16 and 224 px stays ``m3i_vit_base``.
+
+    Args:
+        net: The timm ViT (a ``meta``-device one will do).
+        claimed: A registered variant or timm name the network was built from, or ``""``.
+
+    Returns:
+        ``claimed`` or the spelled name.
+    """
+    return claimed if claimed and _builds_exactly(claimed, net) else spelled_name(net)
