@@ -13,9 +13,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
-import yaml
-
-from m3i.config.core import apply_overrides, from_dict, to_dict
+from m3i.config.core import apply_overrides, from_dict, read_yaml_sections, to_dict
 from m3i.config.data import DataConfig, ShardConfig
 from m3i.config.evaluate import EvaluateConfig
 from m3i.config.export import ExportConfig
@@ -92,11 +90,6 @@ def list_presets() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in root.iterdir() if p.name.endswith(".yaml"))
 
 
-def _read_yaml(text: str, origin: str) -> dict[str, Any]:
-    data = yaml.safe_load(text) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{origin}: a config file must be a mapping of sections, got {type(data).__name__}")
-    return data
 
 
 def load_config(
@@ -115,7 +108,8 @@ def load_config(
         The frozen, validated config.
 
     Raises:
-        ValueError: On an unknown preset, section or key, or a value a section rejects.
+        ValueError: On an unknown preset, section or key, a value a section rejects, or a
+            config file that is not a YAML mapping of sections (naming its line and column).
     """
     return from_dict(Config, _raw_config(preset, config_file, overrides), section="config")
 
@@ -145,12 +139,16 @@ def _raw_config(preset: str | None, config_file: str | Path | None, overrides: S
         if preset not in names:
             raise ValueError(f"preset={preset!r} does not exist; choose one of {names}")
         text = (resources.files("m3i") / "presets" / f"{preset}.yaml").read_text()
-        data = _merge(data, _read_yaml(text, f"preset {preset}"))
+        data = _merge(data, read_yaml_sections(text, f"preset {preset} (m3i/presets/{preset}.yaml)"))
     if config_file:
         path = Path(config_file)
         if not path.is_file():
             raise ValueError(f"--config {str(path)!r} is not a file")
-        data = _merge(data, _read_yaml(path.read_text(), str(path)))
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: byte {e.start} is not UTF-8 text; expected a YAML file") from None
+        data = _merge(data, read_yaml_sections(text, str(path)))
     return apply_overrides(data, overrides)
 
 

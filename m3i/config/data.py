@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from m3i.config.core import check_choice, check_positive, check_range
+from m3i.config.core import MAX_BATCH, MAX_COUNT, check_choice, check_range
 
 __all__ = ["ShardConfig", "DataConfig"]
 
@@ -27,6 +27,17 @@ class ShardConfig:
 
     eval_labelled: tuple[str, ...] = ()
     """Folders of class sub-folders kept whole as the held-out ``eval`` split."""
+
+    webdataset: tuple[str, ...] = ()
+    """Existing WebDataset tars (local or ``s3://``, brace patterns like ``data-{00000..00099}.tar``): samples
+    with a ``cls`` member are labelled, else with ``txt`` (or a ``json`` ``caption``) captioned, else unlabelled."""
+
+    allow_outside_paths: bool = False
+    """Let a caption file name images outside its own folder (``../x.jpg``, absolute paths); off, they are bad inputs."""
+
+    lock_stale_seconds: int = 600
+    """A run holds ``_lock.json`` in ``out`` and refreshes it; another run refuses the output until the lock
+    is this many seconds old without a refresh (its owner died), then takes it over."""
 
     eval_fraction: float = 0.0
     """Fraction of each class of ``labelled`` moved to the ``eval`` split (0 keeps all for training)."""
@@ -60,13 +71,14 @@ class ShardConfig:
         if not self.out:
             raise ValueError("shard.out='' is not allowed; give a local path or s3://bucket/prefix")
         check_range(s, "eval_fraction", self.eval_fraction, 0.0, 1.0, hi_open=True)
-        check_range(s, "max_samples_per_shard", self.max_samples_per_shard, 1)
-        check_range(s, "max_bytes_per_shard", self.max_bytes_per_shard, 1024)
+        check_range(s, "max_samples_per_shard", self.max_samples_per_shard, 1, MAX_COUNT)
+        check_range(s, "max_bytes_per_shard", self.max_bytes_per_shard, 1024, 2**40)
         if self.resize is not None:
-            check_range(s, "resize", self.resize, 8)
+            check_range(s, "resize", self.resize, 8, 8192)
         check_range(s, "jpeg_quality", self.jpeg_quality, 1, 100)
-        check_range(s, "workers", self.workers, 0)
+        check_range(s, "workers", self.workers, 0, 1024)
         check_range(s, "max_bad_fraction", self.max_bad_fraction, 0.0, 1.0)
+        check_range(s, "lock_stale_seconds", self.lock_stale_seconds, 30, MAX_COUNT)
 
 
 @dataclass(frozen=True)
@@ -109,9 +121,9 @@ class DataConfig:
             raise ValueError("data.shards='' is not allowed; give the folder or s3:// prefix with index.json")
         check_choice(s, "split", self.split, ("train", "eval"))
         check_range(s, "image_size", self.image_size, 16, 4096)
-        check_positive(s, "batch_size", self.batch_size)
+        check_range(s, "batch_size", self.batch_size, 1, MAX_BATCH)
         check_range(s, "num_workers", self.num_workers, 0, 64)
-        check_range(s, "shuffle_buffer", self.shuffle_buffer, 1)
+        check_range(s, "shuffle_buffer", self.shuffle_buffer, 1, 2**24)
         if not self.sources:
             raise ValueError("data.sources=() is empty; choose from ['labelled', 'captioned', 'unlabelled']")
         for src in self.sources:

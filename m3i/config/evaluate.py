@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from m3i.config.core import check_choice, check_positive, check_range
+from m3i.config.core import MAX_BATCH, MAX_COUNT, MAX_LR, check_choice, check_positive, check_range
 
 __all__ = ["EvaluateConfig", "SPLITS"]
 
@@ -86,15 +86,15 @@ class EvaluateConfig:
                 f"evaluate.eval_split={self.eval_split!r} equals evaluate.train_split; "
                 "scoring the memory bank on itself is not held-out; allowed: two different splits"
             )
-        check_range(s, "k", self.k, 1)
+        check_range(s, "k", self.k, 1, MAX_COUNT)
         check_positive(s, "knn_temperature", self.knn_temperature)
-        check_range(s, "probe_epochs", self.probe_epochs, 1)
-        check_positive(s, "probe_lr", self.probe_lr)
-        check_range(s, "probe_weight_decay", self.probe_weight_decay, 0.0)
-        check_range(s, "probe_batch_size", self.probe_batch_size, 1)
-        check_range(s, "finetune_steps", self.finetune_steps, 0)
-        check_positive(s, "finetune_lr", self.finetune_lr)
-        check_range(s, "finetune_weight_decay", self.finetune_weight_decay, 0.0)
+        check_range(s, "probe_epochs", self.probe_epochs, 1, MAX_COUNT)
+        check_range(s, "probe_lr", self.probe_lr, 0.0, MAX_LR, lo_open=True)
+        check_range(s, "probe_weight_decay", self.probe_weight_decay, 0.0, MAX_LR)
+        check_range(s, "probe_batch_size", self.probe_batch_size, 1, MAX_BATCH)
+        check_range(s, "finetune_steps", self.finetune_steps, 0, MAX_COUNT)
+        check_range(s, "finetune_lr", self.finetune_lr, 0.0, MAX_LR, lo_open=True)
+        check_range(s, "finetune_weight_decay", self.finetune_weight_decay, 0.0, MAX_LR)
         if not self.out:
             raise ValueError("evaluate.out='' is not allowed; give a folder or s3://bucket/prefix")
         if self.pushgateway:
@@ -104,6 +104,6 @@ class EvaluateConfig:
                 raise ValueError(
                     f"evaluate.pushgateway={self.pushgateway!r} is not a URL; allowed: '' (off) or http(s)://host[:port]"
                 )
-        check_range(s, "batch_size", self.batch_size, 1)
+        check_range(s, "batch_size", self.batch_size, 1, MAX_BATCH)
         check_range(s, "num_workers", self.num_workers, 0, 64)
         check_range(s, "seed", self.seed, 0)

@@ -15,12 +15,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from m3i.config.core import check_choice, check_positive, check_range
+from m3i.config.core import check_choice, check_range
 
 __all__ = [
     "LaunchConfig",
     "parse_toleration",
     "quantity_bytes",
+    "CREDENTIAL_ENV_NAME",
     "KUEUE_QUEUE_LABEL",
     "S3_SECRET_KEYS",
     "TORCHRUN_ENV",
@@ -51,7 +52,20 @@ S3_SECRET_KEYS: dict[str, bool] = {
 }
 """Keys read from ``launch.s3_secret`` into same-named env vars; True marks a key the Secret may omit."""
 
-_CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+CREDENTIAL_ENV_NAME = (
+    r"MINIO_ROOT_[A-Z0-9_]*|[A-Z0-9_]*(SECRET|PASSWORD|PASSWD)[A-Z0-9_]*"
+    r"|([A-Z0-9_]*_)?(TOKENS?|KEYS?|PASS|APIKEY|ACCESSKEY)(_[A-Z0-9_]*)?"
+)
+"""Env var names that look like credentials, matched whole and case-insensitively: ``MINIO_ROOT_*``;
+any name containing ``SECRET``, ``PASSWORD`` or ``PASSWD``; a name with a ``_``-separated word
+``TOKEN(S)``, ``KEY(S)``, ``PASS``, ``APIKEY`` or ``ACCESSKEY`` (``AWS_ACCESS_KEY_ID``, ``HF_TOKEN``,
+``WANDB_API_KEY``, but not ``TOKENIZERS_PARALLELISM``). ``launch.env`` refuses them, and the Helm
+chart's values.schema.json refuses them in ``launch.env`` with the same pattern: credentials reach
+the pods only from the Secret ``launch.s3_secret``. Paths to credential files
+(``GOOGLE_APPLICATION_CREDENTIALS``) are not credentials and pass."""
+
+_CREDENTIAL_ENV = re.compile(rf"^({CREDENTIAL_ENV_NAME})$", re.IGNORECASE)
+_MAX_POD_BYTES = 2**50
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -230,7 +244,9 @@ class LaunchConfig:
     ``--set metrics.port=...``."""
 
     env: tuple[str, ...] = ()
-    """Extra ``KEY=VALUE`` env vars of the trainer (e.g. ``NCCL_SOCKET_IFNAME=eth0``); never credentials."""
+    """Extra ``KEY=VALUE`` env vars of the trainer (e.g. ``NCCL_SOCKET_IFNAME=eth0``); never credentials:
+    names that look like one (:data:`CREDENTIAL_ENV_NAME`: ``*SECRET*``, ``*PASSWORD*``, ``HF_TOKEN``,
+    ``WANDB_API_KEY``, ``MINIO_ROOT_*``, ...) are refused, as the Helm chart refuses them."""
 
     run_as_user: int = 1000
     """Non-root UID (and GID) the container runs as."""
@@ -252,7 +268,7 @@ class LaunchConfig:
             raise ValueError(f"launch.image={self.image!r} uses the moving tag 'latest'; pin a version tag or a digest")
         check_range(s, "nodes", self.nodes, 1, 1024)
         check_range(s, "nproc_per_node", self.nproc_per_node, 1, 128)
-        check_positive(s, "cpu", self.cpu)
+        check_range(s, "cpu", self.cpu, 0, 4096, lo_open=True)
         check_range(s, "gpus_per_node", self.gpus_per_node, 0, 64)
         if self.gpus_per_node and self.nproc_per_node > self.gpus_per_node:
             raise ValueError(
@@ -261,9 +277,13 @@ class LaunchConfig:
             )
         for name in ("memory", "shm_size"):
             try:
-                quantity_bytes(getattr(self, name))
+                size = quantity_bytes(getattr(self, name))
             except ValueError as e:
                 raise ValueError(f"launch.{name}: {e}") from None
+            if size > _MAX_POD_BYTES:
+                raise ValueError(
+                    f"launch.{name}={getattr(self, name)!r} is above 1Pi, more than any node has; give a quantity such as 32Gi"
+                )
         if quantity_bytes(self.shm_size) >= quantity_bytes(self.memory):
             raise ValueError(
                 f"launch.shm_size={self.shm_size!r} must be below launch.memory={self.memory!r}; /dev/shm counts against it"
@@ -295,8 +315,11 @@ class LaunchConfig:
             key, sep, _ = item.partition("=")
             if not sep or not _ENV_NAME.match(key):
                 raise ValueError(f"launch.env entry {item!r} must look like KEY=VALUE")
-            if key in _CREDENTIAL_ENV:
-                raise ValueError(f"launch.env sets {key}; credentials come only from the Secret named by launch.s3_secret")
+            if _CREDENTIAL_ENV.match(key):
+                raise ValueError(
+                    f"launch.env sets {key}; credentials come only from the Secret named by launch.s3_secret "
+                    "(launch.env refuses names like *SECRET*, *PASSWORD*, *_TOKEN, *_KEY, MINIO_ROOT_*)"
+                )
         check_range(s, "run_as_user", self.run_as_user, 1, 2**31 - 1)
         if self.kind == "trainjob":
             self._check_trainjob()

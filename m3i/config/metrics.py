@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from m3i.config.core import check_range
+from m3i.config.core import MAX_COUNT, check_range
 
 __all__ = ["MetricsConfig"]
 
@@ -57,4 +57,4 @@ class MetricsConfig:
             raise ValueError(
                 f"metrics.job={self.job!r} is not allowed; use a non-empty name of letters, digits and _-.:"
             )
-        check_range(s, "interval_steps", self.interval_steps, 1)
+        check_range(s, "interval_steps", self.interval_steps, 1, MAX_COUNT)

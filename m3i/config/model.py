@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from m3i.config.core import check_choice, check_positive, check_range
+from m3i.config.core import MAX_COUNT, MAX_WIDTH, check_choice, check_positive, check_range
 
 __all__ = ["GLOBAL_POOLS", "TEXT_ENCODERS", "ModelConfig", "ObjectiveConfig"]
 
@@ -93,25 +93,25 @@ class ModelConfig:
         check_range(s, "patch_size", self.patch_size, 2, 64)
         check_choice(s, "global_pool", self.global_pool, GLOBAL_POOLS)
         check_range(s, "drop_path", self.drop_path, 0.0, 1.0, hi_open=True)
-        check_range(s, "proj_dim", self.proj_dim, 8)
+        check_range(s, "proj_dim", self.proj_dim, 8, MAX_WIDTH)
         check_range(s, "projector_depth", self.projector_depth, 0, 24)
         check_range(s, "predictor_depth", self.predictor_depth, 1, 24)
-        check_range(s, "predictor_heads", self.predictor_heads, 1)
+        check_range(s, "predictor_heads", self.predictor_heads, 1, MAX_WIDTH)
         if self.proj_dim % 4:
             raise ValueError(f"model.proj_dim={self.proj_dim} must be a multiple of 4 (sin-cos position features)")
         if self.proj_dim % self.predictor_heads:
             raise ValueError(
                 f"model.predictor_heads={self.predictor_heads} must divide model.proj_dim={self.proj_dim}"
             )
-        check_range(s, "embed_dim", self.embed_dim, 1)
+        check_range(s, "embed_dim", self.embed_dim, 1, MAX_WIDTH)
         check_choice(s, "text_encoder", self.text_encoder, TEXT_ENCODERS)
-        check_range(s, "text_width", self.text_width, 8)
+        check_range(s, "text_width", self.text_width, 8, MAX_WIDTH)
         check_range(s, "text_depth", self.text_depth, 1, 48)
-        check_range(s, "text_heads", self.text_heads, 1)
+        check_range(s, "text_heads", self.text_heads, 1, MAX_WIDTH)
         if self.text_width % self.text_heads:
             raise ValueError(f"model.text_heads={self.text_heads} must divide model.text_width={self.text_width}")
         check_range(s, "text_max_len", self.text_max_len, 4, 4096)
-        check_range(s, "num_classes", self.num_classes, 0)
+        check_range(s, "num_classes", self.num_classes, 0, 2**24)
         check_range(s, "ema_m0", self.ema_m0, 0.0, 1.0)
 
 
@@ -205,7 +205,7 @@ class ObjectiveConfig:
         check_range(s, "mask_ratio", self.mask_ratio, 0.0, 1.0, lo_open=True, hi_open=True)
         check_range(s, "mix_keep", self.mix_keep, 0.0, 1.0, lo_open=True, hi_open=True)
         check_choice(s, "mix_attention", self.mix_attention, ("joint", "separate"))
-        check_range(s, "mask_min_block", self.mask_min_block, 1)
+        check_range(s, "mask_min_block", self.mask_min_block, 1, MAX_COUNT)
         check_range(s, "label_smoothing", self.label_smoothing, 0.0, 1.0, hi_open=True)
         check_positive(s, "temperature_init", self.temperature_init)
         check_positive(s, "temperature_min", self.temperature_min)

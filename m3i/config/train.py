@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from m3i.config.core import check_choice, check_positive, check_range
+from m3i.config.core import MAX_COUNT, MAX_LR, check_choice, check_positive, check_range
 
 __all__ = ["TrainConfig", "CheckpointConfig"]
 
@@ -82,14 +82,14 @@ class TrainConfig:
         s = "train"
         if not self.output:
             raise ValueError("train.output='' is not allowed; give a folder or s3://bucket/prefix")
-        check_range(s, "steps", self.steps, 1)
-        check_range(s, "grad_accum", self.grad_accum, 1)
-        check_positive(s, "lr", self.lr)
-        check_range(s, "min_lr", self.min_lr, 0.0)
+        check_range(s, "steps", self.steps, 1, MAX_COUNT)
+        check_range(s, "grad_accum", self.grad_accum, 1, MAX_COUNT)
+        check_range(s, "lr", self.lr, 0.0, MAX_LR, lo_open=True)
+        check_range(s, "min_lr", self.min_lr, 0.0, MAX_LR)
         if self.min_lr > self.lr:
             raise ValueError(f"train.min_lr={self.min_lr} is above train.lr={self.lr}; allowed min_lr <= lr")
-        check_range(s, "warmup_steps", self.warmup_steps, 0)
-        check_range(s, "weight_decay", self.weight_decay, 0.0)
+        check_range(s, "warmup_steps", self.warmup_steps, 0, MAX_COUNT)
+        check_range(s, "weight_decay", self.weight_decay, 0.0, MAX_LR)
         if len(self.betas) != 2:
             raise ValueError(f"train.betas={self.betas!r} must be two numbers")
         for b in self.betas:
@@ -97,8 +97,8 @@ class TrainConfig:
         check_range(s, "grad_clip", self.grad_clip, 0.0)
         check_choice(s, "zero_stage", self.zero_stage, (0, 1, 2, 3))
         check_choice(s, "precision", self.precision, PRECISIONS)
-        check_range(s, "max_bad_steps", self.max_bad_steps, 1)
-        check_range(s, "log_every", self.log_every, 1)
+        check_range(s, "max_bad_steps", self.max_bad_steps, 1, MAX_COUNT)
+        check_range(s, "log_every", self.log_every, 1, MAX_COUNT)
         check_choice(s, "backend", self.backend, ("auto", "nccl", "gloo"))
 
 
@@ -119,5 +119,5 @@ class CheckpointConfig:
     """Node-local folder where DeepSpeed writes before upload; empty uses a temp folder."""
 
     def __post_init__(self) -> None:
-        check_range("checkpoint", "interval_steps", self.interval_steps, 1)
-        check_range("checkpoint", "keep_last", self.keep_last, 1)
+        check_range("checkpoint", "interval_steps", self.interval_steps, 1, MAX_COUNT)
+        check_range("checkpoint", "keep_last", self.keep_last, 1, MAX_COUNT)
