@@ -118,6 +118,12 @@ class CheckpointConfig:
     staging_dir: str = ""
     """Node-local folder where DeepSpeed writes before upload; empty uses a temp folder."""
 
+    max_consecutive_failures: int = 3
+    """Failed saves in a row (storage down past its retries, no room to stage) that training
+    survives: each is logged, counted in ``m3i_train_checkpoint_failures_total`` and retried at
+    the next interval; this many in a row end the job. The final save must always succeed."""
+
     def __post_init__(self) -> None:
         check_range("checkpoint", "interval_steps", self.interval_steps, 1, MAX_COUNT)
         check_range("checkpoint", "keep_last", self.keep_last, 1, MAX_COUNT)
+        check_range("checkpoint", "max_consecutive_failures", self.max_consecutive_failures, 1, MAX_COUNT)

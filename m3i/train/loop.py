@@ -231,7 +231,12 @@ def train(cfg: Config, info: DistInfo | None = None, progress: bool = True) -> T
         TrainingDiverged: ``train.max_bad_steps`` non-finite losses in a row.
         ValueError: A bad config value (also for data that does not fit the config, or a
             ``train.init_from`` whose encoder is not this run's).
-        m3i.storage.StorageError: Storage failed after retries.
+        m3i.storage.StorageError: Storage failed after retries: the final checkpoint (at the end
+            or on SIGTERM) or ``checkpoint.max_consecutive_failures`` saves in a row were not
+            saved, or no checkpoint to resume from verifies. A failed save before that is
+            logged, counted and retried at the next interval while training goes on.
+        m3i.train.checkpoint.UnsafeCheckpointError: A checkpoint file holds a pickle that
+            could run code; nothing of it was loaded.
     """
     from m3i.metrics import build_metrics
 
@@ -259,9 +264,12 @@ def train(cfg: Config, info: DistInfo | None = None, progress: bool = True) -> T
     metrics = build_metrics(cfg.metrics, info.rank, info.local_rank, run_id, world_size=info.world_size, model=cfg.model.backbone)
 
     step, resumed_from = 0, None
+    last_ckpt = None
     if ref is not None:
-        client, rank_state = ckpt.load(engine, ref)
+        restored = ckpt.load(engine, ref)  # falls back to an older checkpoint when this one does not verify
+        ref, client, rank_state = restored.ref, restored.client_state, restored.rank_state
         step = resumed_from = int(client["step"])
+        last_ckpt = ckpt.uri_of(ref.step)
         init_from = (client.get("meta") or {}).get("init_from")  # the first attempt's weights stay on record
         ema.load_state_dict(client.get("ema", {}))
         if rank_state is not None:
@@ -273,26 +281,38 @@ def train(cfg: Config, info: DistInfo | None = None, progress: bool = True) -> T
             loader.consumed = min(loader.batches_per_epoch, int(old["batches_consumed"]) * int(old["world_size"]) // info.world_size)
             log.warning("resumed on %d ranks from a %d-rank checkpoint: data order continues approximately", info.world_size, old["world_size"])
         if info.is_main:
-            log.info("resumed from %s/%s at step %d", ckpt.store.uri, ref.tag, step)
+            log.info("resumed from %s at step %d", ckpt.uri_of(ref.step), step)
 
     meta = {"m3i_version": __version__, "code_revision": code_revision(), "run_id": run_id, "config": to_dict(cfg), "num_classes": num_classes, "data_index_sha256": loader.index.raw.get("plan_sha256"), "inputs_sha256": loader.index.raw.get("inputs_sha256"), "init_from": init_from}
     history = History(cfg.train.output, resumed_from=resumed_from) if info.is_main else None
 
-    def save(at: int) -> str:
-        _flush_before_checkpoint(history, at)
-        client = {"step": at, "loader": loader.state_dict(), "ema": ema.state_dict(), "meta": meta}
-        rank_state = {"loader": loader.state_dict(), "rng": _rng_state()}
-        ok = False
+    def save(at: int, final: bool = False) -> str | None:
+        """Checkpoint ``at``; the URI, or ``None`` when it failed and training may go on.
+
+        A failed save (storage down past its retries, no room to stage) leaves the previous
+        checkpoint the latest and is retried at the next interval; ``final`` saves (the end,
+        SIGTERM) and the ``checkpoint.max_consecutive_failures``-th failure in a row raise.
+        """
+        t0 = time.monotonic()
         try:
+            _flush_before_checkpoint(history, at)
+            client = {"step": at, "loader": loader.state_dict(), "ema": ema.state_dict(), "meta": meta}
+            rank_state = {"loader": loader.state_dict(), "rng": _rng_state()}
             seconds = ckpt.save(engine, at, client, rank_state)
-            ok = True
-            metrics.on_checkpoint(seconds, True)
+        except StorageError as e:
+            metrics.on_checkpoint(time.monotonic() - t0, False)
+            if final or ckpt.give_up:
+                raise
             if info.is_main:
-                log.info("checkpoint step %d saved in %.1fs", at, seconds)
-        finally:
-            if not ok:
-                metrics.on_checkpoint(0.0, False)
-        return f"{ckpt.store.uri}/checkpoints/step-{at:08d}"
+                log.error(
+                    "checkpoint step %d failed (%d in a row, checkpoint.max_consecutive_failures=%d); training goes on "
+                    "and retries at the next interval: %s", at, ckpt.failures_in_a_row, cfg.checkpoint.max_consecutive_failures, e,
+                )
+            return None
+        metrics.on_checkpoint(seconds, True)
+        if info.is_main:
+            log.info("checkpoint step %d saved in %.1fs", at, seconds)
+        return ckpt.uri_of(at)
 
     trainer_status = build_trainer_status(cfg.metrics, info.is_main)  # None outside a Kubeflow TrainJob
     sigterm = _SigTerm()
@@ -300,7 +320,6 @@ def train(cfg: Config, info: DistInfo | None = None, progress: bool = True) -> T
     samples = skipped = bad_streak = micro = 0
     last: dict[str, float] = {}
     global_samples = cfg.data.batch_size * info.world_size
-    last_ckpt = None
     try:
         while step < cfg.train.steps:
             t_wait = time.monotonic()
@@ -354,15 +373,15 @@ def train(cfg: Config, info: DistInfo | None = None, progress: bool = True) -> T
                     if not progress:
                         log.info("step %d/%d loss %.4f (img %.4f cls %.4f txt %.4f) lr %.2e", step, cfg.train.steps, last["loss"], last["loss_img"], last["loss_cls"], last["loss_txt"], lr)
                 if not all_ok(not sigterm.received):
-                    last_ckpt = save(step)
+                    last_ckpt = save(step, final=True)
                     raise Preempted(f"SIGTERM at step {step}; checkpoint {last_ckpt} is complete")
                 if ckpt.due(step) or step == cfg.train.steps:
-                    last_ckpt = save(step)
+                    last_ckpt = save(step, final=step >= cfg.train.steps) or last_ckpt
                 if step >= cfg.train.steps:
                     break
                 t_wait = time.monotonic()
         if ckpt.last_saved_step != step:
-            last_ckpt = save(step)
+            last_ckpt = save(step, final=True)
     finally:
         bar.close()
         sigterm.restore()
