@@ -61,6 +61,7 @@ def m3i_pretrain(
     captions: list = [],
     unlabelled: list = [],
     eval_labelled: list = [],
+    webdataset: list = [],
     eval_fraction: float = 0.0,
     storage_uri: str = "s3://m3i",
     run_name: str = "",
@@ -90,6 +91,7 @@ def m3i_pretrain(
         captions: JSONL/CSV files of image,caption; their images are read relative to them.
         unlabelled: Folders of images without labels.
         eval_labelled: Folders of class sub-folders kept whole as the held-out split.
+        webdataset: Existing WebDataset tars (brace patterns like ``s3://b/laion/{00000..00099}.tar``), read where they are.
         eval_fraction: Fraction of each labelled class moved to the held-out split.
         storage_uri: Root of all outputs, ``s3://bucket[/prefix]``.
         run_name: Names runs/<run> and evals/<run>; empty uses the KFP run id. Reusing a name resumes its training.
@@ -114,6 +116,7 @@ def m3i_pretrain(
         captions=captions,
         unlabelled=unlabelled,
         eval_labelled=eval_labelled,
+        webdataset=webdataset,
         eval_fraction=eval_fraction,
         storage_uri=storage_uri,
         preset=preset,
@@ -129,6 +132,7 @@ def m3i_pretrain(
         captions=captions,
         unlabelled=unlabelled,
         eval_labelled=eval_labelled,
+        webdataset=webdataset,
         eval_fraction=eval_fraction,
         dataset_uri=plan_task.outputs["dataset_uri"],
         cache_key=plan_task.outputs["cache_key"],

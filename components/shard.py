@@ -14,6 +14,7 @@ def plan(
     captions: list,
     unlabelled: list,
     eval_labelled: list,
+    webdataset: list,
     eval_fraction: float,
     storage_uri: str,
     preset: str,
@@ -29,6 +30,7 @@ def plan(
         captions: JSONL/CSV files of image,caption; their images are read relative to them.
         unlabelled: Folders of images without labels.
         eval_labelled: Folders of class sub-folders kept whole as the held-out split.
+        webdataset: Existing WebDataset tars (brace patterns), local or ``s3://``; read where they are.
         eval_fraction: Fraction of each labelled class moved to the held-out split.
         storage_uri: Root of the pipeline's storage; the data set goes to ``datasets/<digest16>``.
         preset: m3i config preset.
@@ -43,7 +45,9 @@ def plan(
 
     from m3i.pipeline.steps import plan_dataset
 
-    sources = {"labelled": labelled, "captions": captions, "unlabelled": unlabelled, "eval_labelled": eval_labelled}
+    sources = {
+        "labelled": labelled, "captions": captions, "unlabelled": unlabelled, "eval_labelled": eval_labelled, "webdataset": webdataset
+    }
     p = plan_dataset(sources, storage_uri, preset=preset, overrides=[*overrides, f"shard.eval_fraction={eval_fraction}"])
     print(json.dumps(p, indent=2))
     return namedtuple("PlanOutputs", ["dataset_uri", "cache_key"])(p["dataset_uri"], p["cache_key"])
@@ -55,6 +59,7 @@ def shard(
     captions: list,
     unlabelled: list,
     eval_labelled: list,
+    webdataset: list,
     eval_fraction: float,
     dataset_uri: str,
     cache_key: str,
@@ -69,6 +74,7 @@ def shard(
         captions: JSONL/CSV files of image,caption; their images are read relative to them.
         unlabelled: Folders of images without labels.
         eval_labelled: Folders of class sub-folders kept whole as the held-out split.
+        webdataset: Existing WebDataset tars (brace patterns), local or ``s3://``; read where they are.
         eval_fraction: Fraction of each labelled class moved to the held-out split.
         dataset_uri: Where the shards and index.json go (from plan).
         cache_key: Keys KFP's cache only (from plan).
@@ -80,7 +86,9 @@ def shard(
 
     from m3i.pipeline.steps import shard_dataset
 
-    sources = {"labelled": labelled, "captions": captions, "unlabelled": unlabelled, "eval_labelled": eval_labelled}
+    sources = {
+        "labelled": labelled, "captions": captions, "unlabelled": unlabelled, "eval_labelled": eval_labelled, "webdataset": webdataset
+    }
     m = shard_dataset(sources, dataset_uri, preset=preset, overrides=[*overrides, f"shard.eval_fraction={eval_fraction}"])
     m["cache_key"] = cache_key
     with open(dataset.path, "w") as f:

@@ -1,7 +1,7 @@
 """The ``m3i`` command line: one subcommand per stage.
 
     m3i demo-data [--out DIR]                  built-in demo images, offline
-    m3i shard     [--preset P] [--config F] [--set shard.k=v] [--labelled DIR ...]
+    m3i shard     [--preset P] [--config F] [--set shard.k=v] [--labelled DIR ...] [--webdataset PATTERN ...]
     m3i train     [--preset P] [--config F] [--set train.k=v]   (one rank; torchrun for more)
     m3i export    [--preset P] [--config F] [--set export.k=v] [--checkpoint URI] [--out URI]
     m3i evaluate  [--preset P] [--config F] [--set evaluate.k=v] [--model URI] [--out URI]
@@ -45,10 +45,6 @@ def _load(args: argparse.Namespace, extra: Sequence[str] = ()):
     return load_config(args.preset, args.config, [*args.overrides, *extra])
 
 
-def _list_override(name: str, values: list[str] | None) -> list[str]:
-    return [f"{name}={json.dumps(values)}"] if values else []
-
-
 def cmd_demo_data(args: argparse.Namespace) -> int:
     from m3i.demo import DemoCounts, make_demo_data
 
@@ -64,11 +60,17 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 def cmd_shard(args: argparse.Namespace) -> int:
     from m3i.shard import shard
 
+    given = {
+        "labelled": args.labelled, "captions": args.captions, "unlabelled": args.unlabelled,
+        "eval_labelled": args.eval_labelled, "webdataset": args.webdataset,
+    }
+    # Inputs on the command line are the whole input: a preset's own paths (the demo's) are not mixed in.
+    set_by_hand = {o.split("=", 1)[0].strip() for o in args.overrides}
+    inputs = [
+        f"shard.{k}={json.dumps(v or [])}" for k, v in given.items() if any(given.values()) and (v or f"shard.{k}" not in set_by_hand)
+    ]
     extra = [
-        *_list_override("shard.labelled", args.labelled),
-        *_list_override("shard.captions", args.captions),
-        *_list_override("shard.unlabelled", args.unlabelled),
-        *_list_override("shard.eval_labelled", args.eval_labelled),
+        *inputs,
         *([f"shard.out={args.out}"] if args.out else []),
         *([f"shard.eval_fraction={args.eval_fraction}"] if args.eval_fraction is not None else []),
     ]
@@ -206,7 +208,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     ]
     r = export(_load(args, extra))
     print(
-        f"exported step {r.step} of {r.checkpoint}: {r.encoder} encoder, {r.dtype}, timm {r.architecture} "
+        f"exported step {r.step} of {r.checkpoint}: {r.encoder} encoder, {r.dtype}, {r.architecture} (timm {r.timm_architecture}) "
         f"({r.bytes / 1e6:.1f} MB) in {r.seconds:.1f}s"
     )
     print(f"model {r.name} {r.version} at {r.uri}")
@@ -273,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--captions", action="append", metavar="FILE", help="JSONL/CSV of image,caption (repeatable)")
     p.add_argument("--unlabelled", action="append", metavar="DIR", help="folder of images (repeatable)")
     p.add_argument("--eval-labelled", action="append", metavar="DIR", help="held-out folder of class sub-folders")
+    p.add_argument(
+        "--webdataset", action="append", metavar="PATTERN",
+        help="existing WebDataset tars, local or s3://, brace patterns like 'data-{00000..00099}.tar' (repeatable)",
+    )
     p.add_argument("--eval-fraction", type=float, help="fraction of each labelled class held out (shard.eval_fraction)")
     p.set_defaults(func=cmd_shard)
 

@@ -36,6 +36,20 @@ def test_demo_data_and_shard_subcommands(tmp_path, capsys):
     assert index["config"]["eval_fraction"] == 0.1 and index["splits"]["eval"]["samples"] > 0
 
 
+def test_shard_inputs_on_the_command_line_replace_the_presets(tmp_path, capsys, monkeypatch):
+    # The demo preset names the demo's own folders; a user's --labelled must not be mixed with them
+    # (nor fail because they are missing), while an input kind set with --set is kept.
+    raw = tmp_path / "raw"
+    assert main(["demo-data", "--out", str(raw), "--size", "32"]) == 0
+    monkeypatch.chdir(tmp_path)  # no m3i-data/raw here
+    argv = ["-q", "shard", "--preset", "demo", "--labelled", str(raw / "labelled"), "--out", "s",
+            "--set", f"shard.unlabelled={json.dumps([str(raw / 'unlabelled')])}"]
+    assert main(argv) == 0, capsys.readouterr().err
+    index = json.loads((tmp_path / "s" / "index.json").read_text())
+    assert set(index["totals"]["sources"]) == {"labelled", "unlabelled"}
+    assert index["config"]["captions"] == [] and index["config"]["eval_labelled"] == []
+
+
 def test_bad_value_exits_2_with_one_clear_line(tmp_path, capsys):
     code = main(["shard", "--unlabelled", str(tmp_path), "--set", "shard.jpeg_quality=0"])
     err = capsys.readouterr().err

@@ -303,7 +303,10 @@ def test_cluster_config_file_comes_before_step_overrides(tmp_path, monkeypatch):
     monkeypatch.setenv("M3I_CONFIG", str(tmp_path / "absent.yaml"))  # the ConfigMap is optional
     assert step_config("demo", [])[0].data.batch_size == load_config("demo").data.batch_size
     f.write_text("- not a mapping\n")
-    with pytest.raises(ValueError, match="holds sections"):
+    with pytest.raises(ValueError, match=r"m3i.yaml: line 1, column 1: the top level is a list; a config file must be a mapping"):
+        config_overrides_from_file(f)
+    f.write_text("data:\n  batch_size: [1,\n")
+    with pytest.raises(ValueError, match=r"m3i.yaml: line 3, column 1: .*expected"):
         config_overrides_from_file(f)
 
 
@@ -433,8 +436,10 @@ def test_run_local_takes_the_shard_input_flags(monkeypatch, tmp_path, capsys):
 
     monkeypatch.setattr(local, "run_local", fake)
     argv = ["pipeline", "run-local", "--workdir", str(tmp_path), "--labelled", "a", "--labelled", "b", "--captions", "c.jsonl"]
-    assert main([*argv, "--unlabelled", "u", "--eval-labelled", "e", "--eval-fraction", "0.2"]) == 0
-    assert seen["sources"] == {"labelled": ["a", "b"], "captions": ["c.jsonl"], "unlabelled": ["u"], "eval_labelled": ["e"]}
+    assert main([*argv, "--unlabelled", "u", "--eval-labelled", "e", "--webdataset", "w/{0..1}.tar", "--eval-fraction", "0.2"]) == 0
+    assert seen["sources"] == {
+        "labelled": ["a", "b"], "captions": ["c.jsonl"], "unlabelled": ["u"], "eval_labelled": ["e"], "webdataset": ["w/{0..1}.tar"]
+    }
     assert seen["arguments"] == {"eval_fraction": 0.2}
     assert "your data -> shard" in capsys.readouterr().out
     assert main(["pipeline", "run-local", "--workdir", str(tmp_path)]) == 0

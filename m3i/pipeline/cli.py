@@ -75,7 +75,10 @@ def cmd_run_local(args: argparse.Namespace) -> int:
         arguments["steps"] = args.steps
     if args.eval_fraction is not None:
         arguments["eval_fraction"] = args.eval_fraction
-    sources = {"labelled": args.labelled, "captions": args.captions, "unlabelled": args.unlabelled, "eval_labelled": args.eval_labelled}
+    sources = {
+        "labelled": args.labelled, "captions": args.captions, "unlabelled": args.unlabelled,
+        "eval_labelled": args.eval_labelled, "webdataset": args.webdataset,
+    }
     sources = {k: v for k, v in sources.items() if v}
     data = "your data" if sources else "demo data"
     print(f"m3i-pretrain on this machine (kfp.local): {data} -> shard -> train -> export -> evaluate, under {args.workdir}")
@@ -91,7 +94,7 @@ def cmd_run_local(args: argparse.Namespace) -> int:
         print(f"  training   {run['steps']} steps on {run['world_size']} processes in {run['train_seconds']:.0f}s; {loss}")
         print(f"             checkpoint {run['checkpoint']}")
     if model:
-        print(f"  model      {model['uri']} (timm {model['architecture']}, sha256 {model['sha256'][:16]})")
+        print(f"  model      {model['uri']} ({model['architecture']}, timm {model.get('timm_architecture', '?')}, sha256 {model['sha256'][:16]})")
     evaluation = r.manifests.get("evaluate/results", {}).get("metrics")
     if evaluation:
         from m3i.evaluate.report import score_lines
@@ -149,6 +152,7 @@ def add_pipeline_parser(sub: Any) -> argparse.ArgumentParser:
     c.add_argument("--captions", action="append", metavar="FILE", help="JSONL/CSV of image,caption (repeatable)")
     c.add_argument("--unlabelled", action="append", metavar="DIR", help="folder of images (repeatable)")
     c.add_argument("--eval-labelled", action="append", metavar="DIR", help="held-out folder of class sub-folders (repeatable)")
+    c.add_argument("--webdataset", action="append", metavar="PATTERN", help="existing WebDataset tars, e.g. 'laion/{00000..00009}.tar' (repeatable)")
     c.add_argument("--eval-fraction", type=float, help="fraction of each labelled class held out (the pipeline's eval_fraction)")
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     c.set_defaults(func=cmd_run_local)

@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 from typing import Any, Sequence, TextIO
 
-import yaml
 
 from m3i.config import Config, load_config, to_dict
 from m3i.config.launch import KINDS
@@ -58,7 +57,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SOURCE_KINDS = ("labelled", "captions", "unlabelled", "eval_labelled")
+SOURCE_KINDS = ("labelled", "captions", "unlabelled", "eval_labelled", "webdataset")
 """Kinds of raw input, as the pipeline's parameters and ``shard.*`` name them."""
 
 LAUNCHERS = ("inline", *KINDS)
@@ -70,14 +69,15 @@ CONFIG_ENV = "M3I_CONFIG"
 
 def config_overrides_from_file(path: str | os.PathLike) -> list[str]:
     """A YAML file of config sections as ``section.key=<json>`` overrides (what a job's pods can be given)."""
-    with open(path, encoding="utf-8") as f:
-        doc = yaml.safe_load(f) or {}
-    if not isinstance(doc, dict):
-        raise ValueError(f"{path}: a config file holds sections (a mapping); got {type(doc).__name__}")
+    from m3i.config.core import read_yaml_sections
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    doc = read_yaml_sections(text, str(path))  # one line naming file, line and column on any YAML error
     out = []
     for section, values in doc.items():
-        if not isinstance(values, dict):
-            raise ValueError(f"{path}: section {section!r} must be a mapping of keys; got {values!r}")
         out += [f"{section}.{k}={json.dumps(v)}" for k, v in values.items()]
     return out
 
@@ -123,9 +123,16 @@ def _source_overrides(sources: dict[str, Sequence[str]]) -> list[str]:
 
 def _roots(sources: dict[str, Sequence[str]]) -> list[tuple[str, str, str]]:
     """``(kind, given, root)``: the folder whose objects make up each source (for a caption file, its folder)."""
+    from m3i.shard.tars import expand
+
     out = []
     for kind in SOURCE_KINDS:
         for given in sources.get(kind) or []:
+            if kind == "webdataset":
+                # One entry per tar a pattern names; its root is the tar's folder.
+                for url in expand((given,)):
+                    out.append((kind, url, url.rsplit("/", 1)[0] if is_remote(url) else str(Path(url).resolve().parent)))
+                continue
             if kind == "captions":
                 root = given.rsplit("/", 1)[0] if is_remote(given) else str(Path(given).resolve().parent)
             else:
@@ -146,6 +153,12 @@ def _members(kind: str, given: str, root: str) -> list[ObjectInfo]:
     if not is_remote(given) and not os.path.exists(given):
         raise ValueError(f"{kind} source {given!r} does not exist")
     store = open_store(root)
+    if kind == "webdataset":
+        name = given.rsplit("/", 1)[-1]
+        info = store.stat(name)
+        if info is None:
+            raise ValueError(f"{kind} source {given!r} does not exist")
+        return [info]
     if kind != "captions":
         found = list(store.list())
     else:
@@ -238,10 +251,14 @@ def stage_sources(sources: dict[str, Sequence[str]], scratch: str | os.PathLike)
     """Local copies of ``s3://`` sources under ``scratch``; local sources pass through unchanged.
 
     ``m3i shard`` reads files; a step on a cluster gets its raw images from object storage.
-    A caption file is copied with the images its rows name.
+    A caption file is copied with the images its rows name. WebDataset tars are read where
+    they are (``m3i shard`` streams them), so their patterns pass through too.
     """
     out: dict[str, list[str]] = {k: [] for k in SOURCE_KINDS}
+    out["webdataset"] = [str(Path(g).resolve()) if not is_remote(g) else g for g in sources.get("webdataset") or []]
     for i, (kind, given, root) in enumerate(_roots(sources)):
+        if kind == "webdataset":
+            continue
         if not is_remote(given):
             out[kind].append(given)
             continue

@@ -2,20 +2,31 @@
 
 Layout under ``shard.out``::
 
-    index.json                         written last: the only thing readers trust
-    train/train-00000-00.tar ...       shards: <split>-<unit>-<part>.tar
-    eval/eval-00000-00.tar ...
-    _progress/train-00000.json ...     per-unit records that make re-runs resume
+    index.json                            written last: the only thing readers trust
+    train/train-00000-00-<sha>.tar ...    shards: <split>-<unit>-<part>-<first 12 hex of sha256>.tar
+    eval/eval-00000-00-<sha>.tar ...
+    _progress/train-00000.json ...        per-unit records that make re-runs resume
+    _progress/tars/<hash>.json            listings of WebDataset tar inputs
+    _lock.json                            held by the run writing this output
 
-The inputs are ordered by a seeded hash (so sources mix within shards) and cut into
-units of ``max_samples_per_shard``; a unit is split further into parts when its bytes
-pass ``max_bytes_per_shard``. Each unit is encoded by a worker process, uploaded, and
-recorded in ``_progress/``; a re-run skips every unit whose record matches the plan
-and whose shards are still there with the recorded checksum.
+The file inputs are ordered by a seeded hash (so sources mix within shards) and cut into
+units of ``max_samples_per_shard``; the samples of each WebDataset tar input form units of
+their own (one pass over the tar). A unit is split into parts of at most
+``max_samples_per_shard`` samples and ``max_bytes_per_shard`` bytes. Each unit is encoded by
+a worker process (by this one for ``workers=1``), uploaded, and recorded in ``_progress/``; a
+re-run skips every unit whose record matches the plan and whose shards are still there with the
+recorded checksum.
+
+Publishing never damages a published data set: a shard's name carries its checksum, so a run
+never overwrites a shard with other bytes; the index is written last, and only then are shards
+deleted that neither the new index nor the one it replaced lists (readers that opened the
+replaced index keep working until the next publish). One run writes an output at a time
+(:class:`m3i.shard.lock.OutputLock`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -24,19 +35,20 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Iterator
 
-import webdataset as wds
 from tqdm import tqdm
 
 from m3i import __version__
 from m3i.config import ShardConfig, to_dict
-from m3i.shard.encode import EncodeOptions, encode_sample, tar_bytes
+from m3i.shard.encode import EncodeOptions, SampleTarWriter, encode_sample, refuse_bombs, tar_bytes
+from m3i.shard.tars import read_members
 from m3i.shard.index import FORMAT, FORMAT_VERSION, INDEX_KEY, ShardIndex, ShardInfo, read_index
+from m3i.shard.lock import OutputLock, OutputLocked
 from m3i.shard.sources import BadInput, InputItem, discover
-from m3i.storage import Store, open_store
+from m3i.storage import Store, StorageError, open_store
 
-__all__ = ["shard", "ShardError", "ShardIndex", "ShardInfo", "read_index", "INDEX_KEY"]
+__all__ = ["shard", "ShardError", "ShardIndex", "ShardInfo", "OutputLocked", "read_index", "INDEX_KEY"]
 
 log = logging.getLogger(__name__)
 PROGRESS = "_progress"
@@ -51,19 +63,30 @@ def _order_key(seed: int, item: InputItem) -> str:
 
 
 def _plan_units(cfg: ShardConfig, items: list[InputItem]) -> list[tuple[str, int, list[InputItem]]]:
+    """(split, unit number, items): file inputs mixed in chunks, then one unit per (split, input tar)."""
     units = []
     for split in ("train", "eval"):
-        its = sorted((i for i in items if i.split == split), key=lambda i: _order_key(cfg.seed, i))
+        first = len(units)
+        files = sorted((i for i in items if i.split == split and i.member is None), key=lambda i: _order_key(cfg.seed, i))
         n = cfg.max_samples_per_shard
-        for u, start in enumerate(range(0, len(its), n)):
-            units.append((split, u, its[start : start + n]))
+        for start in range(0, len(files), n):
+            units.append((split, len(units) - first, files[start : start + n]))
+        by_tar: dict[str, list[InputItem]] = {}
+        for it in items:
+            if it.split == split and it.member is not None:
+                by_tar.setdefault(it.path, []).append(it)
+        for _url, its in by_tar.items():
+            units.append((split, len(units) - first, its))
     return units
 
 
 def _unit_hash(cfg_hash: str, items: list[InputItem]) -> str:
     h = hashlib.sha256(cfg_hash.encode())
     for it in items:
-        h.update(f"{it.source}\t{it.id}\t{it.path}\t{it.split}\t{it.label}\t{it.caption}\t{it.size}\n".encode())
+        h.update(f"{it.source}\t{it.id}\t{it.path}\t{it.split}\t{it.label}\t{it.caption}\t{it.size}".encode())
+        if it.member is not None:
+            h.update(f"\t{it.member}\t{it.version}".encode())
+        h.update(b"\n")
     return h.hexdigest()
 
 
@@ -85,54 +108,123 @@ def _unit_done(store: Store, split: str, unit: int, unit_hash: str) -> dict | No
     return rec
 
 
-def _write_unit(
-    out_uri: str, split: str, unit: int, unit_hash: str, items: list[InputItem], classes: list[str], opts: EncodeOptions, max_bytes: int
-) -> dict:
-    """Encode, write and upload one unit; runs in a worker process."""
-    store = open_store(out_uri)
-    class_index = {c: i for i, c in enumerate(classes)}
-    parts: list[list[dict[str, Any]]] = [[]]
-    part_bytes = 0
-    bad = []
-    sources_of: dict[str, str] = {}
+def _raw_inputs(items: list[InputItem]) -> Iterator[tuple[InputItem, bytes | None | OSError]]:
+    """Each item with its bytes: ``None`` for a file (the encoder reads it), bytes or an error for a tar member."""
+    tar_items = [it for it in items if it.member is not None]
     for it in items:
+        if it.member is None:
+            yield it, None
+    by_url: dict[str, dict[str, InputItem]] = {}
+    for it in tar_items:
+        by_url.setdefault(it.path, {})[it.member] = it
+    for url, wanted in by_url.items():
+        seen = set()
         try:
-            sample = encode_sample(it, class_index, opts)
-        except OSError as e:
-            bad.append(asdict(BadInput(it.source, it.id, str(e))))
-            continue
+            for name, data in read_members(url, set(wanted)):
+                seen.add(name)
+                yield wanted[name], data
+        except (StorageError, OSError, ValueError) as e:
+            err = OSError(f"tar unreadable: {type(e).__name__}")
+            for name, it in wanted.items():
+                if name not in seen:
+                    seen.add(name)
+                    yield it, err
+        for name, it in wanted.items():
+            if name not in seen:
+                yield it, OSError("missing from the tar (it ends early)")
+
+
+class _PartWriter:
+    """Writes one unit's samples into tar parts of bounded samples and bytes, each uploaded when full."""
+
+    def __init__(self, store: Store, split: str, unit: int, tmp: str, max_samples: int, max_bytes: int) -> None:
+        self.store, self.split, self.unit, self.tmp = store, split, unit, tmp
+        self.max_samples, self.max_bytes = max_samples, max_bytes
+        self.shards: list[dict[str, Any]] = []
+        self._open()
+
+    def _open(self) -> None:
+        self.path = os.path.join(self.tmp, f"part-{len(self.shards)}.tar")
+        self.file = open(self.path, "wb", buffering=1 << 20)
+        # The tar is a pure function of its samples (mtime 0); its sha256 is taken as it is written.
+        self.writer = SampleTarWriter(self.file)
+        self.samples, self.nbytes, self.counts = 0, 0, {}
+
+    def write(self, sample: dict[str, Any], source: str) -> None:
         size = tar_bytes(sample)
         # 1024: the two zero blocks that end a tar archive.
-        if parts[-1] and part_bytes + size + 1024 > max_bytes:
-            parts.append([])
-            part_bytes = 0
-        parts[-1].append(sample)
-        part_bytes += size
-        sources_of[sample["__key__"]] = it.source
-    shards = []
-    with tempfile.TemporaryDirectory(prefix="m3i-shard-") as tmp:
-        for p, samples in enumerate(parts):
-            if not samples:
+        if self.samples and (self.samples >= self.max_samples or self.nbytes + size + 1024 > self.max_bytes):
+            self._finish()
+            self._open()
+        self.writer.write(sample)
+        self.samples += 1
+        self.nbytes += size
+        self.counts[source] = self.counts.get(source, 0) + 1
+
+    def _finish(self) -> None:
+        sha = self.writer.close()
+        nbytes = self.writer.size
+        self.file.close()
+        if not self.samples:
+            return
+        # The checksum in the name: a run never replaces a shard some index lists with other bytes.
+        key = f"{self.split}/{self.split}-{self.unit:05d}-{len(self.shards):02d}-{sha[:12]}.tar"
+        info = self.store.stat(key)
+        if info is None or info.size != nbytes or (info.metadata or {}).get("sha256") != sha:
+            self.store.put_file(key, self.path, {"sha256": sha})
+        os.remove(self.path)
+        self.shards.append({"key": key, "samples": self.samples, "bytes": nbytes, "sha256": sha, "sources": self.counts})
+
+    def close(self) -> list[dict[str, Any]]:
+        self._finish()
+        return self.shards
+
+
+def _write_unit(
+    out_uri: str, split: str, unit: int, unit_hash: str, items: list[InputItem], classes: list[str], opts: EncodeOptions,
+    max_samples: int, max_bytes: int,
+) -> dict:
+    """Encode, write and upload one unit; runs in a worker process (in the calling one for a single worker)."""
+    store = open_store(out_uri)
+    class_index = {c: i for i, c in enumerate(classes)}
+    bad = []
+    with tempfile.TemporaryDirectory(prefix="m3i-shard-") as tmp, refuse_bombs():
+        parts = _PartWriter(store, split, unit, tmp, max_samples, max_bytes)
+        for it, raw in _raw_inputs(items):
+            try:
+                if isinstance(raw, OSError):
+                    raise raw
+                sample = encode_sample(it, class_index, opts, raw, bombs_refused=True)
+            except OSError as e:
+                bad.append(asdict(BadInput(it.source, it.id, str(e))))
                 continue
-            key = f"{split}/{split}-{unit:05d}-{p:02d}.tar"
-            path = os.path.join(tmp, f"part-{p}.tar")
-            with open(path, "wb") as f:
-                # mtime=0 makes the tar a pure function of its samples.
-                with wds.TarWriter(f, mtime=0, encoder=False) as w:
-                    for s in samples:
-                        w.write(s)
-            with open(path, "rb") as f:
-                sha = hashlib.file_digest(f, "sha256").hexdigest()
-            nbytes = os.path.getsize(path)
-            store.put_file(key, path, {"sha256": sha})
-            counts: dict[str, int] = {}
-            for s in samples:
-                src = sources_of[s["__key__"]]
-                counts[src] = counts.get(src, 0) + 1
-            shards.append({"key": key, "samples": len(samples), "bytes": nbytes, "sha256": sha, "sources": counts})
+            parts.write(sample, it.source)
+        shards = parts.close()
     rec = {"unit_hash": unit_hash, "split": split, "unit": unit, "shards": shards, "bad": bad}
     store.write_json(f"{PROGRESS}/{split}-{unit:05d}.json", rec)
     return rec
+
+
+def _collect_garbage(store: Store, keep: set[str]) -> int:
+    """Delete shard tars no index in ``keep`` lists (leftovers of failed or replaced runs); returns how many."""
+    gone = 0
+    for obj in list(store.list("")):
+        parts = obj.key.split("/")
+        if len(parts) == 2 and not parts[0].startswith("_") and parts[1].endswith(".tar") and obj.key not in keep:
+            store.delete(obj.key)
+            gone += 1
+    return gone
+
+
+def _listed_shards(store: Store) -> set[str]:
+    """The shard keys the published index lists (empty when there is none or it cannot be read)."""
+    try:
+        raw = store.read_json(INDEX_KEY) if store.exists(INDEX_KEY) else None
+    except StorageError:
+        return set()
+    if not isinstance(raw, dict):
+        return set()
+    return {s["key"] for sp in raw.get("splits", {}).values() for s in sp.get("shards", [])}
 
 
 def shard(cfg: ShardConfig, *, progress: bool = True) -> ShardIndex:
@@ -152,9 +244,17 @@ def shard(cfg: ShardConfig, *, progress: bool = True) -> ShardIndex:
         m3i.storage.StorageError: The output store failed after retries.
     """
     t0 = time.monotonic()
-    found = discover(cfg.labelled, cfg.captions, cfg.unlabelled, cfg.eval_labelled)
-    items = _split_eval(found.items, cfg)
     store = open_store(cfg.out)
+    with OutputLock(store, cfg.lock_stale_seconds) as lock:
+        return _shard_locked(cfg, store, lock, progress, t0)
+
+
+def _shard_locked(cfg: ShardConfig, store: Store, lock: OutputLock, progress: bool, t0: float) -> ShardIndex:
+    found = discover(
+        cfg.labelled, cfg.captions, cfg.unlabelled, cfg.eval_labelled, cfg.webdataset,
+        allow_outside_paths=cfg.allow_outside_paths, scan_cache=store,
+    )
+    items = _split_eval(found.items, cfg)
     settings = to_dict(cfg)
     plan_fields = {k: settings[k] for k in ("max_samples_per_shard", "max_bytes_per_shard", "resize", "reencode", "jpeg_quality", "seed")}
     cfg_hash = hashlib.sha256(json.dumps([FORMAT_VERSION, plan_fields, found.classes], sort_keys=True).encode()).hexdigest()
@@ -173,10 +273,17 @@ def shard(cfg: ShardConfig, *, progress: bool = True) -> ShardIndex:
             todo.append((split, u, uh, its))
     reused = len(records)
     bar = tqdm(total=sum(len(t[3]) for t in todo), unit="img", desc="shard", disable=not progress)
-    if todo:
+    args = (found.classes, opts, cfg.max_samples_per_shard, cfg.max_bytes_per_shard)
+    if min(workers, len(todo)) == 1:
+        # One process would only add its start, the pickling of every item and an idle parent; the
+        # units are written in this process instead, the same bytes in the same order.
+        for split, u, uh, its in todo:
+            records[(split, u)] = _write_unit(store.uri, split, u, uh, its, *args)
+            bar.update(len(its))
+    elif todo:
         with ProcessPoolExecutor(max_workers=min(workers, len(todo))) as pool:
             futs = {
-                pool.submit(_write_unit, store.uri, split, u, uh, its, found.classes, opts, cfg.max_bytes_per_shard): (split, u, len(its))
+                pool.submit(_write_unit, store.uri, split, u, uh, its, *args): (split, u, len(its))
                 for split, u, uh, its in todo
             }
             for fut in as_completed(futs):
@@ -199,7 +306,13 @@ def shard(cfg: ShardConfig, *, progress: bool = True) -> ShardIndex:
         )
 
     index = _build_index(cfg, settings, found.classes, records, bad, cfg_hash, items)
+    replaced = _listed_shards(store)
+    lock.check()
     store.write_manifest(INDEX_KEY, index)
+    listed = {s["key"] for sp in index["splits"].values() for s in sp["shards"]}
+    removed = _collect_garbage(store, listed | replaced)
+    if removed:
+        log.info("shard: removed %d shards no index lists any more", removed)
     elapsed = time.monotonic() - t0
     log.info("shard: %d samples in %d shards (%d units reused) in %.1fs", good, sum(len(r["shards"]) for r in records.values()), reused, elapsed)
     result = read_index(store)
@@ -223,7 +336,7 @@ def _split_eval(items: list[InputItem], cfg: ShardConfig) -> list[InputItem]:
     out = []
     for it in items:
         if (it.source, it.id) in moved:
-            it = InputItem(it.source, it.id, it.path, "eval", it.label, it.caption, it.size)
+            it = dataclasses.replace(it, split="eval")
         out.append(it)
     return out
 
