@@ -39,7 +39,7 @@ tools:
 	bash scripts/install-k8s-tools.sh
 
 test: install services tools
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=25
 
 clean:
 	rm -rf $(VENV) .cache m3i-data

@@ -22,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Hashable, Iterator, Sequence
 
 from m3i.demo import DemoCounts, make_demo_data
 
@@ -38,6 +38,7 @@ __all__ = [
     "print_ratio",
     "print_table",
     "quiet_logs",
+    "time_interleaved",
     "time_runs",
 ]
 
@@ -84,18 +85,18 @@ def print_footer() -> None:
     print(f"loadavg:  {' '.join(f'{x:.2f}' for x in os.getloadavg())} at end")
 
 
-def demo_counts(scale: int) -> DemoCounts:
-    """The standard demo counts with every image count multiplied by ``scale``."""
+def demo_counts(scale: int, size: int | None = None) -> DemoCounts:
+    """The standard demo counts with every image count multiplied by ``scale``; images of side ``size`` (default: the demo's)."""
     if scale < 1:
         raise ValueError(f"--scale={scale} must be >= 1")
-    base = DemoCounts()
+    base = DemoCounts() if size is None else DemoCounts(size=size)
     return replace(base, **{f.name: getattr(base, f.name) * scale for f in fields(base) if f.name != "size"})
 
 
-def make_inputs(root: Path, scale: int) -> dict[str, str]:
+def make_inputs(root: Path, scale: int, size: int | None = None) -> dict[str, str]:
     """Write the demo data set under ``root``; returns ``make_demo_data``'s paths plus ``root``."""
     t0 = time.perf_counter()
-    counts = demo_counts(scale)
+    counts = demo_counts(scale, size)
     paths = make_demo_data(root, counts, seed=0)
     print(
         f"inputs:   m3i.demo data x{scale}: {counts.labelled} labelled PNG, {counts.captioned} captioned JPEG, "
@@ -113,10 +114,40 @@ def input_files(root: str | Path, kinds: Sequence[str]) -> list[Path]:
     return sorted(out)
 
 
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _live_loader_workers_cpu() -> float:
+    """CPU seconds so far of this process's running DataLoader workers (Linux ``/proc``; 0 elsewhere).
+
+    Persistent workers outlive a timed epoch, so ``os.times()`` (children that have been
+    waited for) never counts them. Only children named ``pt_data_worker`` (what torch
+    calls its workers) count: a loopback S3 server process is left out, as before.
+    """
+    me, total = os.getpid(), 0.0
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue  # ended meanwhile
+        comm_end = stat.rfind(b")")
+        comm = stat[stat.find(b"(") + 1 : comm_end]
+        rest = stat[comm_end + 2 :].split()
+        # After the command: state, ppid, ..., utime and stime are fields 14 and 15 of stat.
+        if comm == b"pt_data_worker" and int(rest[1]) == me:
+            total += (int(rest[11]) + int(rest[12])) / _CLK_TCK
+    return total
+
+
 def _cpu_seconds() -> float:
-    """CPU time of this process and of its children that have been waited for."""
+    """CPU time of this process, of its children that have been waited for, and of its running DataLoader workers."""
     t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
+    return t.user + t.system + t.children_user + t.children_system + _live_loader_workers_cpu()
 
 
 @dataclass(frozen=True)
@@ -160,6 +191,26 @@ def time_runs(run: Callable[[int], object], repeats: int, *, warmup: int = 0) ->
         seconds.append(time.perf_counter() - t0)
         cpu.append(_cpu_seconds() - c0)
     return Timing(seconds, cpu)
+
+
+def time_interleaved(runs: dict[Hashable, Callable[[int], object]], repeats: int, *, warmup: int = 1) -> dict[Hashable, Timing]:
+    """Time every case of ``runs`` once per round, ``repeats`` rounds, after ``warmup`` untimed rounds.
+
+    Interleaving the cases (instead of all repeats of one case, then the next) makes a drift
+    in machine load hit each case alike, so the ratios between them stay fair on a shared host.
+    """
+    for i in range(warmup):
+        for run in runs.values():
+            run(-1 - i)
+    seconds: dict[Hashable, list[float]] = {name: [] for name in runs}
+    cpu: dict[Hashable, list[float]] = {name: [] for name in runs}
+    for i in range(repeats):
+        for name, run in runs.items():
+            c0, t0 = _cpu_seconds(), time.perf_counter()
+            run(i)
+            seconds[name].append(time.perf_counter() - t0)
+            cpu[name].append(_cpu_seconds() - c0)
+    return {name: Timing(seconds[name], cpu[name]) for name in runs}
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:

@@ -1,12 +1,24 @@
-"""P3: cost of one M3I training step over one supervised-only step, same backbone and batch.
+"""P3: cost of one M3I training step over one supervised-only step; P6: `m3i train` over a plain loop.
 
     python bench/step_cost.py --backbone vit_small_patch16_224 --image-size 112 --batch 32
+    DS_ACCELERATOR=cpu python bench/step_cost.py --mode p6            # demo preset, 3 rounds
 
-An M3I step is forward (all three branches on a batch mixing the sources), backward,
-AdamW step and EMA update; a supervised step is a plain timm classifier (same backbone,
-same batch, every sample labelled) doing forward, backward and AdamW step. Both run in one
-process on the same synthetic batch, interleaved after a warm-up, and the medians are
-compared. Target: ratio <= 1.5.
+P3 (``--mode p3``, the default): an M3I step is forward (all three branches on a batch
+mixing the sources), backward, AdamW step and EMA update; a supervised step is a plain
+timm classifier (same backbone, same batch, every sample labelled) doing forward,
+backward and AdamW step. Both run in one process on the same synthetic batch,
+interleaved after a warm-up, and the medians are compared. Target: ratio <= 1.5.
+
+P6 (``--mode p6``): the training loop's own cost. ``m3i train`` (one process, a
+``--preset`` on the demo data set, everything the product loop does: DeepSpeed engine,
+the finite-loss check, EMA, metrics, history, progress) against a plain PyTorch loop in
+this process with the same model, the same batches (the same ``ShardLoader`` over the
+same shards, same seed) and the same optimizer (torch AdamW with m3i's parameter groups,
+learning-rate schedule and gradient clipping) plus the same EMA update. A step's time is
+the wall time between the ends of two consecutive optimizer steps (data waits included,
+on both sides); ``m3i train``'s come from the ``time`` column of its ``history.jsonl``.
+The first ``--warmup`` steps of each run are left out; rounds alternate the two sides.
+The last line is ``P6 ratio <x>`` = median m3i step / median plain step. Target: <= 1.15.
 """
 
 from __future__ import annotations
@@ -14,6 +26,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 from typing import Callable
 
 import timm
@@ -28,6 +41,9 @@ from m3i.transforms import block_mask, num_masked
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--mode", choices=("p3", "p6"), default="p3", help="P3 (M3I vs supervised step) or P6 (m3i train vs a plain loop)")
+    p.add_argument("--preset", default="demo", help="P6: packaged preset of both sides (default demo)")
+    p.add_argument("--repeats", type=int, default=3, help="P6: rounds of (m3i train, plain loop) (default 3)")
     p.add_argument("--backbone", default="vit_base_patch16_224", help="timm ViT name or m3i_vit_* variant")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--patch-size", type=int, default=16)
@@ -36,9 +52,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--labelled", type=float, default=1 / 3, help="fraction of the M3I batch with a label")
     p.add_argument("--captioned", type=float, default=1 / 3, help="fraction of the M3I batch with a caption")
     p.add_argument("--caption-bytes", type=int, default=96, help="UTF-8 bytes per synthetic caption")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--steps", type=int, default=10, help="timed steps of each kind")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 keeps the default)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; P6: 5)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps of each kind (default 10; P6: 30 per run)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 keeps the default; P6: 1)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", action="store_true", help="bf16 autocast for both steps")
     p.add_argument(
@@ -87,6 +103,11 @@ def timed(step: Callable[[], None], device: torch.device) -> tuple[float, float]
 
 def main() -> None:
     args = parse_args()
+    if args.mode == "p6":
+        main_p6(args)
+        return
+    args.warmup = 3 if args.warmup is None else args.warmup
+    args.steps = 10 if args.steps is None else args.steps
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -156,6 +177,126 @@ def main() -> None:
         cpu_ratio = statistics.median(t[1] for t in t_m3i) / statistics.median(t[1] for t in t_sup)
         print(f"P3 ratio (cpu-time medians): {cpu_ratio:.2f}x")
     print(f"P3 ratio m3i/supervised (wall medians): {m3i_s / sup_s:.2f}x (target <= 1.5x)")
+
+
+def _m3i_train_steps(cfg_args: list[str], out: Path, env: dict[str, str], warmup: int) -> tuple[list[float], dict[str, float]]:
+    """Step times of one ``m3i train`` run after ``warmup`` steps, plus its own medians of step and data-wait seconds."""
+    import json
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "m3i", "-q", "train", *cfg_args, "--set", f"train.output={out}"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {r.returncode}:\n{r.stderr[-4000:]}")
+    rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    times = [row["time"] for row in rows]
+    steps = [times[i] - times[i - 1] for i in range(max(1, warmup), len(times))]
+    own = {k: statistics.median(row[k] for row in rows[warmup:]) for k in ("step_seconds", "data_wait_seconds")}
+    return steps, own
+
+
+def _plain_steps(cfg: Config, warmup: int) -> list[float]:
+    """Step times of a plain PyTorch loop: same model, loader, optimizer, schedule, clipping and EMA as ``m3i train``."""
+    import random
+
+    import numpy as np
+
+    from m3i.data import ShardLoader
+    from m3i.models import ema_momentum
+    from m3i.train.engine import lr_lambda, param_groups, peak_lr
+    from m3i.transforms import build_transform
+
+    t = cfg.train
+    torch.manual_seed(t.seed)
+    random.seed(t.seed)
+    np.random.seed(t.seed)
+    loader = ShardLoader(cfg.data, build_transform(cfg, train=True))
+    model = build_model(cfg, num_classes=cfg.model.num_classes or loader.num_classes).train()
+    peak = peak_lr(cfg, 1)
+    opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=peak, betas=tuple(t.betas))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, peak))
+    ends: list[float] = []
+    step = 0
+    try:
+        while step < t.steps:
+            for batch in loader:
+                loss = model(batch)["loss"]
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+                opt.step()
+                sched.step()
+                step += 1
+                model.update_ema(ema_momentum(step, t.steps, cfg.model.ema_m0))
+                float(loss.detach())  # m3i train reads its loss parts every step
+                ends.append(time.time())
+                if step >= t.steps:
+                    break
+    finally:
+        loader.close()
+    return [ends[i] - ends[i - 1] for i in range(max(1, warmup), len(ends))]
+
+
+def main_p6(args: argparse.Namespace) -> None:
+    """P6: ``m3i train`` step time over a plain PyTorch loop's, one process each, alternating rounds."""
+    import os
+
+    from _common import demo_counts, print_footer, print_header, print_table, workdir
+
+    from m3i.config import ShardConfig
+    from m3i.demo import make_demo_data
+    from m3i.shard import shard
+
+    warmup = 5 if args.warmup is None else args.warmup
+    steps = 30 if args.steps is None else args.steps
+    threads = args.threads or 1
+    torch.set_num_threads(threads)
+    print_header("P6 training-loop cost: m3i train vs a plain PyTorch loop (same model, batches, optimizer)")
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env.setdefault("DS_ACCELERATOR", "cpu")
+    with workdir(None, "m3i-bench-p6-") as work:
+        counts = demo_counts(1)
+        paths = make_demo_data(work / "raw", counts, seed=0)
+        shards = str(work / "shards")
+        shard(
+            ShardConfig(out=shards, labelled=(paths["labelled"],), captions=(paths["captions"],),
+                        unlabelled=(paths["unlabelled"],), eval_labelled=(paths["eval"],), max_samples_per_shard=256),
+            progress=False,
+        )
+        overrides = [
+            f"data.shards={shards}", f"train.steps={warmup + steps}", "checkpoint.interval_steps=1000000",
+            "metrics.port=0", *args.overrides,
+        ]
+        cfg = load_config(args.preset, overrides=overrides)
+        cfg_args = ["--preset", args.preset, *[x for o in overrides for x in ("--set", o)]]
+        print(
+            f"config:   --preset {args.preset} {' '.join('--set ' + o for o in overrides[1:])}; "
+            f"model {cfg.model.backbone} at {cfg.data.image_size}px, batch {cfg.data.batch_size}, "
+            f"{cfg.data.num_workers} loader worker(s), zero {cfg.train.zero_stage}, {cfg.train.precision}; "
+            f"torch threads {threads} on both sides"
+        )
+        print(f"measured: {args.repeats} rounds of (m3i train, plain loop), {steps} timed steps each after {warmup}")
+        print()
+        m3i_runs, plain_runs, own = [], [], []
+        for i in range(args.repeats):
+            m3i_steps, own_medians = _m3i_train_steps(cfg_args, work / f"run-{i}", env, warmup)
+            m3i_runs.append(statistics.median(m3i_steps))
+            own.append(own_medians)
+            plain_runs.append(statistics.median(_plain_steps(cfg, warmup)))
+    rows = [
+        ["m3i train", f"{statistics.median(m3i_runs) * 1e3:.1f}", " ".join(f"{x * 1e3:.1f}" for x in m3i_runs)],
+        ["plain PyTorch loop", f"{statistics.median(plain_runs) * 1e3:.1f}", " ".join(f"{x * 1e3:.1f}" for x in plain_runs)],
+    ]
+    print_table(["side", "step ms, median of runs", "each run's median step ms"], rows)
+    print()
+    print(
+        "m3i train's own history, median per step: compute "
+        f"{statistics.median(o['step_seconds'] for o in own) * 1e3:.1f} ms, data wait "
+        f"{statistics.median(o['data_wait_seconds'] for o in own) * 1e3:.1f} ms"
+    )
+    print_footer()
+    print(f"P6 ratio {statistics.median(m3i_runs) / statistics.median(plain_runs):.3f}")
 
 
 if __name__ == "__main__":

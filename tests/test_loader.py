@@ -173,3 +173,143 @@ def test_reads_s3_like_local(shards, s3_bucket):
     local = _keys(ShardLoader(data_cfg(shards, num_workers=2), KeyTransform()))
     remote = _keys(ShardLoader(data_cfg(store.uri, num_workers=2, verify_checksums=True), KeyTransform()))
     assert local == remote
+
+
+class PidTransform(KeyTransform):
+    """KeyTransform plus the id of the process that prepared the sample."""
+
+    def __call__(self, sample, generator):
+        import os
+
+        import torch
+
+        return {**super().__call__(sample, generator), "pid": torch.tensor(os.getpid())}
+
+
+def _pids(loader) -> set[int]:
+    return {int(p) for b in loader for p in b["pid"]}
+
+
+def test_workers_persist_across_epochs_until_closed(shards):
+    import os
+
+    loader = ShardLoader(data_cfg(shards, batch_size=4, num_workers=2), PidTransform())
+    try:
+        first, second = _pids(loader), _pids(loader)
+        assert len(first) == 2 and os.getpid() not in first
+        assert second == first  # the same two processes served both epochs
+        loader.close()
+        third = _pids(loader)
+        assert len(third) == 2 and third.isdisjoint(first)  # close() stopped them; new ones started
+    finally:
+        loader.close()
+
+
+def test_persistent_workers_follow_a_break_and_the_next_epoch(shards):
+    cfg = data_cfg(shards, batch_size=4, num_workers=2, shuffle_buffer=8)
+    reference = ShardLoader(cfg, KeyTransform())
+    want = [_keys(reference), _keys(reference)]
+    loader = ShardLoader(cfg, KeyTransform())
+    try:
+        it = iter(loader)
+        head = [list(next(it)["key"]) for _ in range(3)]
+        del it  # abandoned mid-epoch: the workers are reset for the next pass, not restarted
+        assert loader.state_dict()["batches_consumed"] == 3
+        assert head + _keys(loader) == want[0]  # resumes in the same workers at batch 3
+        assert _keys(loader) == want[1]
+    finally:
+        loader.close()
+
+
+def test_tar_reader_matches_webdataset(shards):
+    import webdataset as wds
+
+    from m3i.data.tarstream import iter_samples
+
+    tars = sorted(Path(shards).rglob("*.tar"))
+    assert tars
+    for tar in tars:
+        with open(tar, "rb") as f:
+            ours = list(iter_samples(f, str(tar)))
+        with open(tar, "rb") as f:
+            files = ({**x, "__url__": str(tar)} for x in wds.tariterators.tar_file_iterator(f))
+            theirs = list(wds.tariterators.group_by_keys(files))
+        assert ours == theirs
+
+
+def _tar_bytes(members: list[tuple[str, bytes]], fmt) -> bytes:
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tf:
+        d = tarfile.TarInfo("somedir")
+        d.type = tarfile.DIRTYPE
+        tf.addfile(d)
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["ustar", "gnu", "pax"])
+def test_tar_reader_long_names_and_grouping(fmt):
+    import io
+    import tarfile
+
+    from m3i.data.tarstream import iter_samples
+
+    long_dir = "d" * 120 if fmt != "ustar" else "d" * 60  # ustar: the name goes into the prefix field
+    members = [
+        (f"{long_dir}/a.jpg", b"A" * 700),
+        (f"{long_dir}/a.JSON", b"{}"),
+        ("__meta__", b"skipped"),
+        ("b.seg.txt", b"caption"),
+        ("b.cls", b""),
+    ]
+    fmt_const = {"ustar": tarfile.USTAR_FORMAT, "gnu": tarfile.GNU_FORMAT, "pax": tarfile.PAX_FORMAT}[fmt]
+    got = list(iter_samples(io.BytesIO(_tar_bytes(members, fmt_const)), "u"))
+    assert got == [
+        {"__key__": f"{long_dir}/a", "__url__": "u", "jpg": b"A" * 700, "json": b"{}"},
+        {"__key__": "b", "__url__": "u", "seg.txt": b"caption", "cls": b""},
+    ]
+
+
+def test_tar_reader_refuses_damage():
+    import io
+    import tarfile
+
+    from m3i.data.tarstream import TarFormatError, iter_samples
+
+    data = _tar_bytes([("a.jpg", b"x" * 1000), ("b.jpg", b"y" * 10)], tarfile.USTAR_FORMAT)
+    with pytest.raises(TarFormatError, match="truncated tar member"):
+        list(iter_samples(io.BytesIO(data[: 512 * 3 + 100]), "u"))
+    bad = bytearray(data)
+    bad[data.index(b"b.jpg") + 10] ^= 0xFF  # a byte of the second file's header
+    with pytest.raises(TarFormatError, match="checksum"):
+        list(iter_samples(io.BytesIO(bytes(bad)), "u"))
+    with pytest.raises(ValueError, match="duplicate"):
+        list(iter_samples(io.BytesIO(_tar_bytes([("a.jpg", b"1"), ("a.jpg", b"2")], tarfile.USTAR_FORMAT)), "u"))
+
+
+@pytest.mark.parametrize("mode, fmt", [("RGB", "JPEG"), ("L", "JPEG"), ("CMYK", "JPEG"), ("RGB", "PNG"), ("RGBA", "PNG")])
+def test_decode_image_gives_what_pil_gives(mode, fmt):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from m3i.data import decode_image
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray((rng.random((37, 53, 3)) * 255).astype(np.uint8)).convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, quality=90)
+    data = buf.getvalue()
+    got = decode_image(data)
+    want = Image.open(io.BytesIO(data)).convert("RGB")
+    assert got.mode == "RGB" and got.size == (53, 37)
+    assert np.array_equal(np.asarray(got), np.asarray(want))
+    with pytest.raises((OSError, ValueError)):
+        decode_image(data[: len(data) // 2])

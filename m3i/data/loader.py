@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
+import multiprocessing.util  # noqa: F401 - registers its exit hook before ours (see _stop_all_workers)
+import weakref
 from typing import Any, Callable, Iterator
 
 import torch
@@ -9,9 +13,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, default_collate
 
 from m3i.config import DataConfig
-from m3i.data.dataset import Counters, ShardStream
+from m3i.data.dataset import Counters, Position, ShardStream, preload_decoders
 from m3i.data.gopen import register_s3_scheme
-from m3i.data.plan import EpochPlan
+from m3i.data.plan import EpochPlan, derive_seed
 from m3i.shard.index import ShardIndex, read_index
 from m3i.storage import open_store
 
@@ -47,6 +51,35 @@ class ImageTransform:
         return {"image": x, "cls": torch.tensor(sample["cls"], dtype=torch.long)}
 
 
+# DataLoader iterators whose (persistent) worker processes may be alive; see _stop_all_workers.
+_LIVE: "weakref.WeakSet[Any]" = weakref.WeakSet()
+
+
+def _stop_workers(it: Any) -> None:
+    """Stop the workers of a multi-process DataLoader iterator (private DataLoader API, hence the guards)."""
+    _LIVE.discard(it)
+    if not hasattr(it, "_shutdown_workers"):
+        return
+    it._shutdown_workers()  # asks each worker to exit, waits a while, then sends SIGTERM
+    for w in getattr(it, "_workers", []):
+        if w.is_alive():  # busy past the wait, and SIGTERM is ignored: SIGKILL
+            w.kill()
+            w.join()
+
+
+@atexit.register
+def _stop_all_workers() -> None:
+    """Stop persistent workers at interpreter exit, before multiprocessing's own exit hook.
+
+    That hook (registered earlier, so run later: atexit is last-in, first-out) terminates
+    daemonic children with SIGTERM and joins them; our workers ignore SIGTERM (see
+    ``ShardStream.__iter__``), so without this the join would wait forever for the workers
+    of a loader that is still referenced (or in a reference cycle) at exit.
+    """
+    for it in list(_LIVE):
+        _stop_workers(it)
+
+
 class ShardLoader:
     """Batches of one rank, epoch after epoch, resumable mid-epoch.
 
@@ -54,6 +87,12 @@ class ShardLoader:
     ``state_dict()`` after k batches, restored into a loader with the same world
     size, worker count and batch size, yields exactly the batches k+1, k+2, ... that
     the first loader would have.
+
+    With ``data.num_workers > 0`` the DataLoader worker processes start at the first
+    iteration and stay alive for every later epoch and resume of this loader (they read
+    the epoch and resume point from shared memory when each pass starts); :meth:`close`
+    stops them, as does dropping the loader. The transform and collate function are
+    copied into the workers when they start: replace them before the first iteration.
 
     Args:
         cfg: The ``data`` config section.
@@ -84,6 +123,18 @@ class ShardLoader:
         self.counters = Counters()
         self.epoch = 0
         self.consumed = 0
+        self._planner = functools.partial(
+            EpochPlan.build,
+            self.shards,
+            cfg.sources,
+            seed=cfg.seed,
+            shuffle=cfg.shuffle,
+            batch_size=cfg.batch_size,
+            world_size=world_size,
+            num_workers=cfg.num_workers,
+        )
+        self._position = Position()
+        self._dataloader: DataLoader | None = None
         if self.batches_per_epoch == 0:
             n = self.plan(0).num_samples
             raise ValueError(
@@ -93,16 +144,7 @@ class ShardLoader:
             )
 
     def plan(self, epoch: int) -> EpochPlan:
-        return EpochPlan.build(
-            self.shards,
-            self.cfg.sources,
-            seed=self.cfg.seed,
-            epoch=epoch,
-            shuffle=self.cfg.shuffle,
-            batch_size=self.cfg.batch_size,
-            world_size=self.world_size,
-            num_workers=self.cfg.num_workers,
-        )
+        return self._planner(epoch=epoch)
 
     @property
     def batches_per_epoch(self) -> int:
@@ -154,35 +196,60 @@ class ShardLoader:
     def __len__(self) -> int:
         return self.batches_per_epoch
 
+    def _make_dataloader(self) -> DataLoader:
+        stream = ShardStream(
+            self.store.uri,
+            self._planner,
+            self._position,
+            rank=self.rank,
+            seed=self.cfg.seed,
+            sources=self.cfg.sources,
+            transform=self.transform,
+            shuffle_buffer=self.cfg.shuffle_buffer if self.cfg.shuffle else 1,
+            verify=self.cfg.verify_checksums,
+            counters=self.counters,
+            collate=self.collate,
+        )
+        workers = self.cfg.num_workers
+        if workers:
+            preload_decoders()
+        return DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            prefetch_factor=2 if workers else None,
+            # The DataLoader draws its workers' base seed at every iterator it creates; from
+            # its own generator, the run's global torch RNG stays untouched by the loader.
+            # (Samples are seeded per key, so worker seeds do not reach any batch.)
+            generator=torch.Generator().manual_seed(derive_seed("dataloader", self.cfg.seed, self.rank)),
+        )
+
     def __iter__(self) -> Iterator[Any]:
         plan = self.plan(self.epoch)
         if self.consumed < plan.batches_per_rank:
-            ds = ShardStream(
-                self.store.uri,
-                plan,
-                rank=self.rank,
-                epoch=self.epoch,
-                seed=self.cfg.seed,
-                sources=self.cfg.sources,
-                transform=self.transform,
-                consumed=self.consumed,
-                shuffle_buffer=self.cfg.shuffle_buffer if self.cfg.shuffle else 1,
-                verify=self.cfg.verify_checksums,
-                counters=self.counters,
-                collate=self.collate,
-            )
-            dl = DataLoader(
-                ds,
-                batch_size=None,
-                num_workers=self.cfg.num_workers,
-                persistent_workers=False,
-                prefetch_factor=2 if self.cfg.num_workers else None,
-            )
-            for batch in dl:
+            if self._dataloader is None:
+                self._dataloader = self._make_dataloader()
+            # Set before iter(): resetting persistent workers starts their next pass at once.
+            self._position.set(self.epoch, self.consumed)
+            batches = iter(self._dataloader)
+            if self.cfg.num_workers:
+                _LIVE.add(batches)
+            for batch in batches:
                 self.consumed += 1
                 yield batch
         self.epoch += 1
         self.consumed = 0
+
+    def close(self) -> None:
+        """Stop the worker processes now, not only when the loader is garbage-collected.
+
+        A later iteration starts new workers.
+        """
+        it = getattr(self._dataloader, "_iterator", None)
+        self._dataloader = None
+        if it is not None:
+            _stop_workers(it)
 
 
 def build_loader(

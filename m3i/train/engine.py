@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
 import math
+import sys
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -10,7 +14,71 @@ from torch import nn
 
 from m3i.config import Config
 
-__all__ = ["deepspeed_config", "param_groups", "lr_lambda", "peak_lr", "build_engine"]
+__all__ = ["SHM_COMM_OP", "avoid_jit_ops", "deepspeed_config", "param_groups", "lr_lambda", "peak_lr", "build_engine"]
+
+SHM_COMM_OP = "deepspeed_shm_comm"
+"""DeepSpeed's shared-memory collectives op (``ShareMemCommBuilder``) on its CPU accelerator."""
+
+
+def _mark_shm_op_unavailable(ops: ModuleType) -> None:
+    compatible = vars(ops).get("__compatible_ops__")
+    if compatible is None:
+        # Not probed yet; probing compiles test programs with gcc. The one reader,
+        # deepspeed.comm.torch.build_shm_op, looks the op up with .get(name, False).
+        ops.__compatible_ops__ = {SHM_COMM_OP: False}
+    else:
+        compatible[SHM_COMM_OP] = False
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Runs ``action(module)`` right after ``name`` is imported, then leaves ``sys.meta_path``."""
+
+    def __init__(self, name: str, action) -> None:
+        self.name, self.action = name, action
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        run, action = spec.loader.exec_module, self.action
+
+        def exec_module(module: ModuleType) -> None:
+            run(module)
+            action(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def avoid_jit_ops() -> None:
+    """Keep DeepSpeed from JIT-compiling its shared-memory op when it sets up torch.distributed.
+
+    DeepSpeed's communication backend builds ``deepspeed_shm_comm`` with a C++ compiler
+    whenever the accelerator offers it (the CPU accelerator does) and it is not prebuilt:
+    35 s or more on a fresh machine, under a file lock in ``TORCH_EXTENSIONS_DIR`` that
+    makes parallel starts wait on each other, and impossible without a compiler. The op
+    only serves DeepSpeed's ``inference_all_reduce``; training's collectives go through
+    torch.distributed (gloo) with or without it, so it is marked unavailable. Our AdamW
+    is torch's (see :func:`deepspeed_config`), so no other op is built. GPU runs are not
+    affected: the CUDA accelerator has no such op.
+
+    The op is looked up in :func:`m3i.train.dist.init_distributed`, before the engine is
+    built, and importing DeepSpeed early would fix its accelerator before that function
+    chooses it; so when DeepSpeed is not loaded yet this marks the op the moment
+    ``deepspeed.ops`` is imported. Idempotent.
+    """
+    ops = sys.modules.get("deepspeed.ops")
+    if ops is not None:
+        _mark_shm_op_unavailable(ops)
+    elif not any(isinstance(f, _AfterImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport("deepspeed.ops", _mark_shm_op_unavailable))
+
+
+# m3i.train.loop imports this module before it calls init_distributed.
+avoid_jit_ops()
 
 
 def peak_lr(cfg: Config, world_size: int) -> float:
