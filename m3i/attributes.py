@@ -94,7 +94,7 @@ def _check_attribute(rows: list[dict[str, Any]], attribute: str) -> None:
 
 
 def _link_tree(rows: list[dict[str, Any]], root: Path, attribute: str, tree: Path) -> None:
-    """Class folders of links: ``tree/{train,eval}/<value>/<flattened image path>``."""
+    """Class folders of hard links: ``tree/{train,eval}/<value>/<flattened image path>``."""
     if tree.exists():
         shutil.rmtree(tree)
     for source, split in ((_TRAIN, "train"), (_EVAL, "eval")):
@@ -106,7 +106,12 @@ def _link_tree(rows: list[dict[str, Any]], root: Path, attribute: str, tree: Pat
                 raise ValueError(f"{root / ATTRIBUTES_FILE} lists {r['image']!r}, which is not a file under {root}")
             link = tree / split / str(r[attribute]) / "_".join(Path(r["image"]).parts)
             link.parent.mkdir(parents=True, exist_ok=True)
-            os.symlink(target, link)
+            # Hard links (a copy across file systems): `m3i shard` skips symlinks that lead out of
+            # their input folder, and these would all lead to the demo root.
+            try:
+                os.link(target, link)
+            except OSError:
+                shutil.copyfile(target, link)
 
 
 def build_attribute_sets(
