@@ -135,3 +135,16 @@ def final_weights(output: Path, step: int) -> dict[str, Any]:
 
     sd = torch.load(output / "checkpoints" / f"step-{step:08d}" / "ds" / "mp_rank_00_model_states.pt", weights_only=False)
     return sd["module"]
+
+
+def one_rank_here(monkeypatch) -> None:
+    """The environment of a one-rank job in this process (a pytest ``MonkeyPatch``)."""
+    from tests.conftest import free_port
+
+    for k, v in train_env().items():
+        if k in ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "OMP_NUM_THREADS"):
+            monkeypatch.setenv(k, v)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.setenv(k, "1" if k == "WORLD_SIZE" else "0")

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import shard_small, small_demo, train_env, write_train_config
+from tests.helpers import one_rank_here, shard_small, small_demo, train_env, write_train_config
 
 REPO = Path(__file__).resolve().parents[1]
 DS_MODEL = "ds/mp_rank_00_model_states.pt"
@@ -53,18 +53,6 @@ def shards(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("ckpt-data")
     shard_small(small_demo(root / "raw"), str(root / "shards"))
     return str(root / "shards")
-
-
-def _one_rank_env(mp: pytest.MonkeyPatch) -> None:
-    from tests.conftest import free_port
-
-    for k, v in train_env().items():
-        if k in ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "OMP_NUM_THREADS"):
-            mp.setenv(k, v)
-    mp.setenv("MASTER_ADDR", "127.0.0.1")
-    mp.setenv("MASTER_PORT", str(free_port()))
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        mp.setenv(k, "1" if k == "WORLD_SIZE" else "0")
 
 
 def _config_file(tmp: Path, shards: str, out: Path | str, name: str = "c", **sections) -> Path:
@@ -91,7 +79,7 @@ def base_run(tmp_path_factory, shards) -> Path:
     """A one-rank run of 4 steps in this process: intact checkpoints at steps 2 and 4."""
     root = tmp_path_factory.mktemp("base")
     with pytest.MonkeyPatch.context() as mp:
-        _one_rank_env(mp)
+        one_rank_here(mp)
         _train(root, shards, root / "run", train={"steps": 4})
     return root / "run"
 
@@ -101,7 +89,7 @@ def run(base_run, tmp_path, monkeypatch) -> Path:
     """A private copy of the base run, and this process set up as a one-rank job."""
     out = tmp_path / "run"
     shutil.copytree(base_run, out)
-    _one_rank_env(monkeypatch)
+    one_rank_here(monkeypatch)
     return out
 
 
@@ -348,7 +336,7 @@ def _s3_outage(monkeypatch, when) -> list[str]:
 def test_storage_outage_during_saves_does_not_end_training(shards, tmp_path, monkeypatch, request, backend):
     from m3i.storage import open_store
 
-    _one_rank_env(monkeypatch)
+    one_rank_here(monkeypatch)
     seen = _capture_metrics(monkeypatch)
     down = lambda key: "/step-00000002/" in key or "/step-00000004/" in key  # noqa: E731
     if backend == "s3":
@@ -370,7 +358,7 @@ def test_storage_outage_during_saves_does_not_end_training(shards, tmp_path, mon
 def test_failed_saves_in_a_row_end_the_job_and_no_room_names_the_folder(shards, tmp_path, monkeypatch, caplog):
     from m3i.storage import StorageError
 
-    _one_rank_env(monkeypatch)
+    one_rank_here(monkeypatch)
     seen = _capture_metrics(monkeypatch)
     real_usage = shutil.disk_usage
     Usage = namedtuple("Usage", "total used free")
@@ -389,7 +377,7 @@ def test_failed_saves_in_a_row_end_the_job_and_no_room_names_the_folder(shards, 
 def test_failed_final_save_fails_the_job(shards, tmp_path, monkeypatch, capsys):
     from m3i.cli import main
 
-    _one_rank_env(monkeypatch)
+    one_rank_here(monkeypatch)
     _fail_uploads(monkeypatch, lambda key: "/step-00000003/" in key)
     out = tmp_path / "run"
     config = _config_file(tmp_path, shards, out, train={"steps": 3}, checkpoint={"interval_steps": 10})

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.prometheus import prometheus_factory  # noqa: F401 - a fixture
-from tests.helpers import final_weights, shard_small, small_demo, torchrun_cmd, train_env, write_train_config
+from tests.helpers import final_weights, shard_small, small_demo, one_rank_here, torchrun_cmd, train_env, write_train_config
 
 pytestmark = pytest.mark.slow
 
@@ -159,19 +159,6 @@ def test_prometheus_scrapes_a_two_process_run(shards, tmp_path, prometheus_facto
         proc.wait(timeout=60)
 
 
-def _one_rank_here(monkeypatch) -> None:
-    """The environment of a one-rank job in this process."""
-    from tests.conftest import free_port
-
-    for k, v in train_env().items():
-        if k in ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "OMP_NUM_THREADS"):
-            monkeypatch.setenv(k, v)
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(free_port()))
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.setenv(k, "1" if k == "WORLD_SIZE" else "0")
-
-
 def _cfg_here(tmp_path, shards, out, name="c", **sections):
     from m3i.config import load_config
 
@@ -183,7 +170,7 @@ def _in_process_train(monkeypatch, tmp_path, shards, bad_calls, checkpoint=None,
     """Train in this process (one rank) with NaN losses on the given forward calls."""
     from m3i.train import loop
 
-    _one_rank_here(monkeypatch)
+    one_rank_here(monkeypatch)
     real_build = loop.build_model
     calls = {"n": 0}
 
@@ -320,7 +307,7 @@ def test_init_from_an_export_starts_the_run_from_exactly_its_backbone(shards, tm
     from m3i.train import loop
 
     uri, weights = _export_of_a_fake_run(tmp_path)
-    _one_rank_here(monkeypatch)
+    one_rank_here(monkeypatch)
     seen = {}
 
     def build_and_remember(cfg, num_classes=None):
@@ -405,7 +392,7 @@ def test_train_refuses_a_mismatched_init_from_before_building_the_engine(shards,
     from m3i.train import loop
 
     uri, _ = _export_of_a_fake_run(tmp_path, model={"patch_size": 4})
-    _one_rank_here(monkeypatch)
+    one_rank_here(monkeypatch)
     monkeypatch.setattr(loop, "build_engine", lambda *a: pytest.fail("the engine was built"))
     with pytest.raises(ValueError, match=r"train\.init_from=.*patch size"):
         loop.train(_cfg_here(tmp_path, shards, tmp_path / "run", train={"init_from": uri}), progress=False)
