@@ -82,8 +82,12 @@ class Predictor(nn.Module):
             ``[B, m, dim]``.
         """
         n = visible.shape[1]
-        pos = self.pos_mlp(position_features(torch.cat([visible_pos, query_pos], dim=1), self.dim))  # [B, n+m, dim]
+        # Positions and their sin-cos features are float32 (a bf16 row index is off by a
+        # fraction of a patch past 256); they meet the weights in the weights' dtype, as
+        # DeepSpeed's bf16/fp16 engines run the module without autocast.
+        feats = position_features(torch.cat([visible_pos.float(), query_pos.float()], dim=1), self.dim)  # [B, n+m, 2 dim]
+        pos = self.pos_mlp(feats.to(self.pos_mlp.weight.dtype))  # [B, n+m, dim]
         queries = self.mask_token.expand(query_pos.shape[0], query_pos.shape[1], -1)  # [B, m, dim]
-        x = torch.cat([visible, queries], dim=1) + pos.to(visible.dtype)  # [B, n+m, dim]
+        x = torch.cat([visible, queries.to(visible.dtype)], dim=1) + pos.to(visible.dtype)  # [B, n+m, dim]
         x = self.head(self.norm(self.blocks(x)))
         return x[:, n:]

@@ -173,6 +173,7 @@ class M3IModel(nn.Module):
             counts ``n_img``, ``n_cls``, ``n_txt`` of this rank, and when the branch is on ``target_std``,
             ``ema_momentum``, ``acc_cls``, ``temperature``. All scalars; all but the losses detached.
         """
+        batch = self._in_compute_dtype(batch)
         v1 = batch["v1"]
         n = v1.shape[0]
         zero = v1.new_zeros((), dtype=torch.float32)
@@ -182,13 +183,13 @@ class M3IModel(nn.Module):
         if self.use_img:
             emb, pred, tgt = (self._mixed if self.mix else self._masked)(batch)
             parts["loss_img"] = unigrad_loss(pred, tgt, self.objective.unigrad_neg_weight)
-            monitors["n_img"] = torch.tensor(float(n))
+            monitors["n_img"] = zero + n
             monitors["target_std"] = feature_std(tgt)
             monitors["ema_momentum"] = self.ema_m.detach().float().clone()
         else:
             emb = pool_tokens(self.backbone, encoder_tokens(self.backbone, v1))  # [N, D]
             parts["loss_img"] = zero
-            monitors["n_img"] = torch.tensor(0.0)
+            monitors["n_img"] = zero
 
         if self.use_cls:
             logits = self.cls_head(emb)  # [N, K]
@@ -198,18 +199,33 @@ class M3IModel(nn.Module):
             monitors["acc_cls"] = correct / count.clamp_min(1.0)
         else:
             parts["loss_cls"] = zero
-            monitors["n_cls"] = torch.tensor(0.0)
+            monitors["n_cls"] = zero
 
         if self.use_txt:
             parts["loss_txt"], monitors["n_txt"] = self._text(batch, emb)
             monitors["temperature"] = (-self.logit_scale.detach()[0].clamp(max=self.max_logit_scale)).exp()
         else:
             parts["loss_txt"] = zero
-            monitors["n_txt"] = torch.tensor(0.0)
+            monitors["n_txt"] = zero
 
         out = {"loss": combine(parts, self.objective), **parts}
-        out.update({k: v.detach().float().to(zero.device) for k, v in monitors.items()})
+        out.update({k: v.detach().float() for k, v in monitors.items()})
         return out
+
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the encoder's weights hold: float32, or bf16/fp16 inside a DeepSpeed bf16/fp16 engine."""
+        return self.backbone.patch_embed.proj.weight.dtype
+
+    def _in_compute_dtype(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``batch`` with the views in :meth:`compute_dtype`; everything else as given.
+
+        DeepSpeed runs a bf16/fp16 module without autocast (on CUDA it even turns an outer
+        autocast off), so no float32 input may reach a low-precision weight. The geometry
+        stays as given: positions are computed in float32 (see :class:`Predictor`).
+        """
+        dtype = self.compute_dtype()
+        views = {k: batch[k].to(dtype) for k in ("v1", "v2") if k in batch and batch[k].is_floating_point() and batch[k].dtype != dtype}
+        return {**batch, **views} if views else batch
 
     # ------------------------------------------------------------------ branches
 
