@@ -243,6 +243,12 @@ def test_defaults_render_no_credentials():
          "kueue.localQueue.name=other differs from launch.queue=default"),
         (("--set", "trainer.runtime.enabled=true,launch.metricsPort=29495"),
          "the runtime's metrics ports 29495..29502 cover Kubeflow Trainer's torch port 29500"),
+        (("--set", "launch.ncclEnv.LD_PRELOAD=x.so"), "/launch/ncclEnv"),
+        (("--set", "launch.rdmaResource=ib"), "/launch/rdmaResource"),
+        (("--set", "launch.terminationGraceSeconds=0"), "/launch/terminationGraceSeconds"),
+        (("--set", "launch.gpusPerNode=16"), "launch.gpusPerNode=16 runs one rank per GPU, more than the 8"),
+        (("--set", "namespace.create=true,launch.rdmaResource=rdma/ib"),
+         'launch.rdmaResource=rdma/ib adds capability IPC_LOCK, which Pod Security "restricted" refuses'),
     ],
 )
 def test_schema_and_checks_reject_bad_values(args, message):
@@ -445,8 +451,11 @@ def test_launch_configmap_loads_as_m3i_config(variant, tmp_path):
     assert sl.runtime == runtime.get("name", "m3i-torch")
     assert sl.runtime_kind == ("ClusterTrainingRuntime" if runtime.get("cluster") else "TrainingRuntime")
     assert sl.kueue is values.get("kueue", {}).get("enabled", False)
-    if "nprocPerNode" in launch:
-        assert (sl.nodes, sl.nproc_per_node, sl.gpus_per_node) == (launch["nodes"], launch["nprocPerNode"], launch["gpusPerNode"])
+    if "gpusPerNode" in launch:  # one rank per GPU unless nprocPerNode is given
+        ranks = launch.get("nprocPerNode") or launch["gpusPerNode"]
+        assert (sl.nodes, sl.ranks_per_node, sl.gpus_per_node) == (launch["nodes"], ranks, launch["gpusPerNode"])
+    assert sl.termination_grace_seconds == launch.get("terminationGraceSeconds", 300)
+    assert sl.nccl_env == launch.get("ncclEnv", {}) and sl.rdma_resource is None  # RDMA off unless asked for
     if objs and any(o["kind"] == "Deployment" and o["metadata"]["name"].endswith("pushgateway") for o in objs):
         url = f"http://{RELEASE}-pushgateway.{NAMESPACE}.svc:9091"
         assert cfg.metrics.pushgateway == url and cfg.evaluate.pushgateway == url
@@ -743,6 +752,39 @@ def test_trainer_runtime_matches_the_renderer(values, tmp_path):
     pod = rt["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]
     check_restricted_pod(pod)
     assert pod["spec"].get("serviceAccountName") == (None if rt["kind"] == "ClusterTrainingRuntime" else "m3i-train")
+
+
+@pytest.mark.parametrize("kind", ["volcano", "pytorchjob", "trainjob"])
+def test_gpu_nccl_rdma_and_grace_values_reach_every_training_pod(kind, tmp_path):
+    """gpusPerNode alone fills the GPUs; ncclEnv, rdmaResource and terminationGraceSeconds ride the ConfigMap into
+    the pods of every kind (and the grace period into the runtime), valid against each CRD."""
+    sets = (f"launch.kind={kind},launch.gpusPerNode=8,launch.terminationGraceSeconds=900,launch.ncclEnv.NCCL_IB_HCA=mlx5,"
+            "launch.rdmaResource=rdma/ib,launch.rdmaPerNode=2,trainer.runtime.enabled=true,namespace.create=true,"
+            "namespace.podSecurity=privileged")
+    objs = objects("--set", sets)
+    cfg = load_config(None, launch_config_file(objs, tmp_path), []).launch
+    assert (cfg.ranks_per_node, cfg.termination_grace_seconds, cfg.nccl_env) == (8, 900, {"NCCL_IB_HCA": "mlx5"})
+    assert (cfg.rdma_resource, cfg.rdma_per_node) == ("rdma/ib", 2)
+    rt = runtime_of(objs)
+    assert rt["spec"] == render_training_runtime(cfg)["spec"]
+    assert rt["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"][
+        "terminationGracePeriodSeconds"] == 900
+    job = render(cfg, ["--preset", "default"])
+    if kind == "trainjob":
+        assert_valid(job, TRAINJOB_CRD)
+        pod = trainer_pod(rt, job)
+        validate_core(pod)
+        spec = pod["spec"]
+    else:
+        assert_valid(job, "batch.volcano.sh_jobs.yaml" if kind == "volcano" else "kubeflow.org_pytorchjobs.yaml")
+        spec = (job["spec"]["tasks"][0]["template"] if kind == "volcano" else job["spec"]["pytorchReplicaSpecs"]["Master"]["template"])["spec"]
+    (c,) = spec["containers"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert spec["terminationGracePeriodSeconds"] == 900 and env["M3I_TERMINATION_GRACE_SECONDS"] == "900"
+    assert env["NCCL_IB_HCA"] == "mlx5"
+    assert c["resources"]["limits"]["rdma/ib"] == "2" and c["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    assert c["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["IPC_LOCK"]}
+    assert only(objs, "Namespace")["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "privileged"
 
 
 def test_trainer_runtime_and_localqueue_are_off_by_default(tmp_path):

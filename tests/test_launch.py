@@ -26,6 +26,9 @@ IMAGE = "ghcr.io/m3i-project/m3i-train:0.1.0"
 SECRET_KEYS = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_REGION"}
 TRAIN_ARGS = ["--preset", "default", "--set", "train.lr=1e-4"]
 METRICS_SET = ["--set", "metrics.port=9400"]  # appended by launch so served and exposed ports agree
+# appended by launch before it: the device follows the pod's GPUs (a rank that cannot use them stops)
+GPU_TAIL = ["--set", "train.device=cuda", *METRICS_SET]
+CPU_TAIL = ["--set", "train.device=cpu", *METRICS_SET]
 
 
 def gpu_cfg(**kw) -> LaunchConfig:
@@ -80,6 +83,10 @@ def check_pod(tpl: dict, cfg: LaunchConfig) -> None:
         assert env[key]["valueFrom"]["secretKeyRef"]["name"] == cfg.s3_secret
         assert env[key]["valueFrom"]["secretKeyRef"]["key"] == key
     assert "DS_ACCELERATOR" not in env  # GPUs: DeepSpeed picks CUDA
+    assert "CUDA_VISIBLE_DEVICES" not in env and "NVIDIA_VISIBLE_DEVICES" not in env  # the device plugin's to set
+    # Time for the SIGTERM save, as the pod's grace period and as the trainer reads it.
+    assert spec["terminationGracePeriodSeconds"] == cfg.termination_grace_seconds
+    assert env["M3I_TERMINATION_GRACE_SECONDS"]["value"] == str(cfg.termination_grace_seconds)
     # Guaranteed QoS with GPUs.
     want = {"cpu": "90", "memory": cfg.memory, "nvidia.com/gpu": str(cfg.gpus_per_node)}
     assert c["resources"] == {"requests": want, "limits": want}
@@ -111,7 +118,8 @@ def test_appdef_runs_m3i_train_under_torchrun(nodes, nproc, gpus):
     assert role.entrypoint == "bash" and role.args[0] == "-c"
     cmd = role.args[1]
     assert cmd.startswith("torchrun ") and f"--nnodes {nodes} --nproc_per_node {nproc}" in cmd
-    assert cmd.endswith("-m m3i train --preset default --set train.lr=1e-4 --set metrics.port=9400")
+    device = "cuda" if gpus else "cpu"
+    assert cmd.endswith(f"-m m3i train --preset default --set train.lr=1e-4 --set train.device={device} --set metrics.port=9400")
     assert ("localhost:0" in cmd) == (nodes == 1)  # multi-node: c10d store on the first pod
     assert role.resource.cpu == 16 and role.resource.gpu == gpus and role.resource.memMB == 64 * 1024
     assert role.resource.capabilities == {"pool": "train"}
@@ -140,7 +148,7 @@ def test_volcano_job_is_valid_and_carries_the_pod_policy():
         check_pod(task["template"], cfg)
         cmd = task["template"]["spec"]["containers"][0]["command"]
         assert cmd[:2] == ["bash", "-c"]
-        assert cmd[2].endswith("-m m3i train --preset default --set train.lr=1e-4 --set metrics.port=9400")
+        assert cmd[2].endswith("-m m3i train --preset default --set train.lr=1e-4 --set train.device=cuda --set metrics.port=9400")
         assert task["template"]["spec"]["restartPolicy"] == "Never"
     # the second pod finds the first through Volcano's svc plugin
     assert "${VC_M3I_0_HOSTS:=localhost}:29500" in spec["tasks"][1]["template"]["spec"]["containers"][0]["command"][2]
@@ -150,11 +158,12 @@ def test_volcano_job_is_valid_and_carries_the_pod_policy():
 def test_volcano_job_matches_the_torchx_cli_dry_run():
     """Our AppDef is stock dist.ddp: `torchx run --dryrun -s kubernetes` renders the same commands."""
     cfg = gpu_cfg(nodes=2, nproc_per_node=2, gpus_per_node=2)
-    ours = render(cfg, ["--preset", "default"])  # torchx's CLI refuses a repeated --set
+    # torchx's CLI refuses a repeated --set, which m3i train's command ends with: another module has none.
+    ours = render(cfg, ["--preset", "default"], module="m3i_other")
     cli = [
         *(sys.executable, "-m", "torchx.cli.main", "run", "--dryrun", "-s", "kubernetes", "-cfg", "queue=training,namespace=m3i"),
-        *("--workspace", "", "dist.ddp", "-j", "2x2", "-m", "m3i", "--image", IMAGE, "--name", "m3i-train", "--gpu", "2"),
-        *("train", "--preset", "default", *METRICS_SET),
+        *("--workspace", "", "dist.ddp", "-j", "2x2", "-m", "m3i_other", "--image", IMAGE, "--name", "m3i-train", "--gpu", "2"),
+        *("train", "--preset", "default"),
     ]
     out = subprocess.run(cli, capture_output=True, text=True, timeout=60, check=True).stdout
     theirs = yaml.safe_load(out.split("=== SCHEDULER REQUEST ===", 1)[1])
@@ -200,7 +209,7 @@ def test_pytorchjob_is_valid_and_carries_the_pod_policy(nodes):
         assert {"name": "pytorchjob-port", "containerPort": 29500, "protocol": "TCP"} in c["ports"]
         assert c["command"] == [
             "torchrun", f"--nnodes={nodes}", "--nproc_per_node=8", "--node_rank=$(RANK)", "--master_addr=$(MASTER_ADDR)",
-            "--master_port=$(MASTER_PORT)", "-m", "m3i", "train", *TRAIN_ARGS, *METRICS_SET,
+            "--master_port=$(MASTER_PORT)", "-m", "m3i", "train", *TRAIN_ARGS, *GPU_TAIL,
         ]
         assert not any(e["name"].startswith("TORCHX_") for e in c["env"])
     assert "&id" not in to_yaml(job)  # no YAML anchors between the replica specs
@@ -209,8 +218,8 @@ def test_pytorchjob_is_valid_and_carries_the_pod_policy(nodes):
 def test_pytorchjob_escapes_kubernetes_variable_references():
     job = render(gpu_cfg(kind="pytorchjob"), ["--set", "train.out=$(HOME)/x"], job_name="fixed")
     assert job["metadata"]["name"] == "fixed"
-    assert job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["command"][-3:] == [
-        "train.out=$$(HOME)/x", *METRICS_SET]
+    assert job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["command"][-5:] == [
+        "train.out=$$(HOME)/x", *GPU_TAIL]
 
 
 def test_pytorchjob_with_kueue_carries_the_queue_label_on_the_job_only():
@@ -304,7 +313,7 @@ dist.init_process_group("gloo")
 t = torch.tensor([dist.get_rank() + 1.0])
 dist.all_reduce(t)
 keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DS_ACCELERATOR", "OMP_NUM_THREADS",
-        "AWS_ACCESS_KEY_ID", "M3I_PROBE")
+        "AWS_ACCESS_KEY_ID", "M3I_PROBE", "CUDA_VISIBLE_DEVICES", "M3I_TERMINATION_GRACE_SECONDS")
 rec = {k: os.environ.get(k) for k in keys}
 rec.update(argv=sys.argv[1:], sum=t.item(), cwd=os.getcwd())
 out = sys.argv[sys.argv.index("--out") + 1]
@@ -338,6 +347,7 @@ def test_local_cwd_runs_two_ranks(tmp_path, monkeypatch):
         assert rec["sum"] == 3.0  # gloo all_reduce across both ranks
         assert rec["argv"] == ["train", "--out", str(out)]
         assert rec["DS_ACCELERATOR"] == "cpu" and rec["OMP_NUM_THREADS"] == "1"
+        assert rec["CUDA_VISIBLE_DEVICES"] == "" and rec["M3I_TERMINATION_GRACE_SECONDS"] == "300"  # no GPU asked: none seen
         assert rec["AWS_ACCESS_KEY_ID"] == "inherited-from-the-shell" and rec["M3I_PROBE"] == "yes"
         assert os.path.samefile(rec["cwd"], tmp_path)
 
@@ -347,6 +357,118 @@ def test_local_cwd_runs_two_ranks(tmp_path, monkeypatch):
     # after torchrun's report, the rank's own error, once per replica
     tail = log.getvalue().splitlines()[-1]
     assert re.fullmatch(r"m3i launch: m3i_launch_probe/0 failed with: .*RuntimeError: probe rank [01] was told to fail", tail), log.getvalue()[-2000:]
+
+
+# --- ranks per GPU, devices, grace period, NCCL and RDMA ------------------------------------------
+
+
+@pytest.mark.parametrize("nproc, gpus, ranks", [(0, 0, 1), (0, 8, 8), (0, 1, 1), (2, 8, 2), (3, 0, 3)])
+def test_ranks_default_to_one_per_gpu(nproc, gpus, ranks):
+    cfg = LaunchConfig(nproc_per_node=nproc, gpus_per_node=gpus)
+    assert cfg.ranks_per_node == ranks
+    assert len(build_appdef(cfg, []).roles[0].port_map) == 1 + ranks  # c10d + one metrics port per rank
+
+
+def _dryrun(argv: list[str], capsys) -> dict:
+    from m3i.cli import main
+
+    assert main(["launch", *argv, "--dryrun", "--", "--preset", "default"]) == 0
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("kind", ["volcano", "pytorchjob", "trainjob"])
+@pytest.mark.parametrize("how", [["--set", "launch.gpus_per_node=8"], ["--gpus-per-node", "8"]])
+def test_gpus_per_node_fills_every_gpu_of_every_kind(kind, how, capsys):
+    """README's GPU line: 8 GPUs per pod run 8 ranks per pod, each told to train on CUDA."""
+    job = _dryrun(["--set", "launch.scheduler=kubernetes", "--set", f"launch.kind={kind}", *how], capsys)
+    if kind == "volcano":
+        assert_valid(job, VOLCANO_CRD)
+        (task,) = job["spec"]["tasks"]
+        (c,) = task["template"]["spec"]["containers"]
+        assert "--nnodes 1 --nproc_per_node 8 " in c["command"][2]
+        assert c["command"][2].endswith(" ".join(GPU_TAIL))
+    elif kind == "pytorchjob":
+        assert_valid(job, PYTORCHJOB_CRD)
+        (c,) = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"]
+        assert job["spec"]["nprocPerNode"] == "8" and "--nproc_per_node=8" in c["command"]
+        assert c["command"][-4:] == GPU_TAIL
+    else:
+        from tests.test_trainjob import TRAINJOB_CRD
+
+        assert_valid(job, TRAINJOB_CRD)
+        trainer = job["spec"]["trainer"]
+        assert trainer["numProcPerNode"] == 8 and trainer["command"][-4:] == GPU_TAIL
+        assert trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == "8"
+        return
+    ports = [p["name"] for p in c["ports"] if p["name"].startswith("metrics")]
+    assert ports == ["metrics", *(f"metrics-{r}" for r in range(1, 8))]  # one endpoint per rank
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "8"
+
+
+def test_an_explicit_process_count_wins_over_the_gpus(capsys):
+    job = _dryrun(["--scheduler", "kubernetes", "--kind", "pytorchjob", "--gpus-per-node", "8", "--nproc-per-node", "2"], capsys)
+    assert job["spec"]["nprocPerNode"] == "2"
+    with pytest.raises(ValueError, match="launch.nproc_per_node=9 exceeds launch.gpus_per_node=8"):
+        LaunchConfig(gpus_per_node=8, nproc_per_node=9)
+
+
+def test_local_dry_run_runs_one_rank_per_gpu():
+    dry = launch(LaunchConfig(gpus_per_node=2), ["--preset", "demo"], dryrun=True)
+    assert "--nproc_per_node 2" in dry.rendered and "train.device=cuda" in dry.rendered
+
+
+@pytest.mark.parametrize("scheduler", ["local_cwd", "kubernetes"])
+def test_ranks_of_a_cpu_job_see_no_gpu(scheduler):
+    """gpus_per_node 0 on a GPU node: CUDA sees no device (gloo, model on the CPU), not NCCL with the model on the CPU."""
+    env = build_appdef(LaunchConfig(scheduler=scheduler), []).roles[0].env
+    assert env["CUDA_VISIBLE_DEVICES"] == "" and env["DS_ACCELERATOR"] == "cpu"
+    # On Kubernetes the NVIDIA container runtime mounts no device either (CUDA images set it to "all").
+    assert env.get("NVIDIA_VISIBLE_DEVICES") == ("void" if scheduler == "kubernetes" else None)
+    gpu = build_appdef(LaunchConfig(scheduler=scheduler, gpus_per_node=2), []).roles[0].env
+    assert not {"CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "DS_ACCELERATOR"} & set(gpu)
+
+
+@pytest.mark.parametrize("kind", ["volcano", "pytorchjob"])
+def test_grace_period_is_configurable(kind):
+    cfg = gpu_cfg(kind=kind, termination_grace_seconds=900)
+    job = render(cfg, TRAIN_ARGS)
+    assert_valid(job, VOLCANO_CRD if kind == "volcano" else PYTORCHJOB_CRD)
+    for tpl in pods(job):
+        check_pod(tpl, cfg)
+    assert LaunchConfig().termination_grace_seconds == 300  # a final ViT-B save, not Kubernetes' 30 s
+
+
+def test_nccl_settings_reach_the_ranks_and_only_nccl_names_pass():
+    cfg = from_dict(
+        LaunchConfig,
+        {"gpus_per_node": 8, "nccl_env": "NCCL_SOCKET_IFNAME=eth0,NCCL_IB_HCA=mlx5,NCCL_DEBUG=INFO,TORCH_NCCL_ASYNC_ERROR_HANDLING=1",
+         "env": ["NCCL_IB_HCA=mlx5_0"]},
+        section="launch",
+    )
+    env = build_appdef(cfg, []).roles[0].env
+    assert env["NCCL_SOCKET_IFNAME"] == "eth0" and env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
+    assert env["NCCL_DEBUG"] == "INFO"  # over m3i's default WARN
+    assert env["NCCL_IB_HCA"] == "mlx5_0"  # launch.env wins
+    for bad in ({"LD_PRELOAD": "x.so"}, {"nccl_debug": "INFO"}, {"NCCL_": "1"}):
+        with pytest.raises(ValueError, match="only NCCL_\\* and TORCH_NCCL_\\* names are allowed"):
+            LaunchConfig(nccl_env=bad)
+
+
+@pytest.mark.parametrize("kind", ["volcano", "pytorchjob"])
+def test_rdma_is_off_by_default_and_adds_the_device_and_ipc_lock(kind):
+    cfg = gpu_cfg(kind=kind, rdma_resource="rdma/ib", rdma_per_node=2)
+    job = render(cfg, TRAIN_ARGS)
+    assert_valid(job, VOLCANO_CRD if kind == "volcano" else PYTORCHJOB_CRD)
+    for tpl in pods(job):
+        (c,) = tpl["spec"]["containers"]
+        want = {"cpu": "90", "memory": cfg.memory, "nvidia.com/gpu": "8", "rdma/ib": "2"}
+        assert c["resources"] == {"requests": want, "limits": want}
+        # NCCL pins its RDMA buffers: IPC_LOCK, and nothing else added back.
+        assert c["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["IPC_LOCK"]}
+        validate_core({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": tpl["spec"]})
+    for tpl in pods(render(gpu_cfg(kind=kind), TRAIN_ARGS)):
+        check_pod(tpl, gpu_cfg(kind=kind))  # capabilities: drop ALL only
+        assert not any("rdma" in k for k in tpl["spec"]["containers"][0]["resources"]["limits"])
 
 
 # --- config validation and CLI ------------------------------------------------------------------
@@ -379,6 +501,11 @@ def test_local_cwd_runs_two_ranks(tmp_path, monkeypatch):
         ({"env": ["NOVALUE"]}, "launch.env entry 'NOVALUE' must look like KEY=VALUE"),
         ({"run_as_user": 0}, "launch.run_as_user=0 is out of range"),
         ({"max_retries": -1}, "launch.max_retries=-1 is out of range"),
+        ({"nproc_per_node": -1}, "launch.nproc_per_node=-1 is out of range; allowed [0, 128]"),
+        ({"termination_grace_seconds": 0}, "launch.termination_grace_seconds=0 is out of range"),
+        ({"nccl_env": {"AWS_SECRET_ACCESS_KEY": "x"}}, "launch.nccl_env sets 'AWS_SECRET_ACCESS_KEY'; only NCCL_*"),
+        ({"rdma_resource": "ib"}, "launch.rdma_resource='ib' is not an extended resource name; use domain/name"),
+        ({"rdma_resource": "rdma/ib", "rdma_per_node": 0}, "launch.rdma_per_node=0 is out of range"),
         ({"queues": "x"}, "unknown key(s) ['queues']"),
     ],
 )
@@ -419,7 +546,7 @@ def test_cli_dryrun_prints_a_valid_pytorchjob(capsys):
     assert_valid(job, PYTORCHJOB_CRD)
     assert job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 1
     (c,) = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"]
-    assert c["command"][-5:] == ["train", "--preset", "default", *METRICS_SET]
+    assert c["command"][-7:] == ["train", "--preset", "default", *GPU_TAIL]
 
 
 # --- what m3i launch hands to m3i train ---------------------------------------------------------
@@ -451,7 +578,7 @@ def test_launch_config_options_reach_every_rank(tmp_path, capsys):
     for pair in ("objective.crop_scale=[0.5,", "objective.mix_images=false", "data.shards=s3://b/ds", "train.steps=7"):
         assert pair in text, (pair, text)
     assert "launch." not in text.replace("m3i-launch", "")
-    assert text.index("train.steps=7") < text.index("train.lr=1e-4") < text.index("metrics.port=")
+    assert text.index("train.steps=7") < text.index("train.lr=1e-4") < text.index("train.device=cpu") < text.index("metrics.port=")
     assert str(cfg) not in text
 
 

@@ -447,7 +447,7 @@ def test_monitors_and_policies_fit_the_rendered_training_pods(rendered, prod_lau
         (c,) = tpl["spec"]["containers"]
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
         metric_ports = {n: p for n, p in ports.items() if re.fullmatch(r"metrics(-\d+)?", n)}
-        assert len(metric_ports) == cfg.nproc_per_node == 8
+        assert len(metric_ports) == cfg.ranks_per_node == 8
         assert set(metric_ports) <= scraped
         assert all(metrics_port["port"] <= p <= metrics_port["endPort"] for p in metric_ports.values())
         # Every rank once, by m3i-train only.
@@ -537,8 +537,9 @@ def test_launch_configmap_parses(rendered, target, tmp_path):
 def test_prod_launch_targets_the_gpu_pool(prod_launch):
     assert prod_launch.node_selector == {"nvidia.com/gpu.present": "true"}
     assert prod_launch.tolerations == ("nvidia.com/gpu:NoSchedule",)
-    assert prod_launch.gpus_per_node == prod_launch.nproc_per_node == 8
+    assert prod_launch.gpus_per_node == prod_launch.ranks_per_node == 8 and prod_launch.nproc_per_node == 0  # one rank per GPU
     assert prod_launch.priority_class == "m3i-training"
+    assert prod_launch.termination_grace_seconds == 300 and prod_launch.rdma_resource is None  # RDMA off by default
 
 
 # --- Kubeflow Trainer v2: the optional runtime (components/trainer-runtime) ----------------

@@ -31,6 +31,7 @@ RUNTIME_CRDS = {
 SECRET_KEYS = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_REGION"}
 TRAIN_ARGS = ["--preset", "default", "--set", "train.lr=1e-4"]
 METRICS_SET = ["--set", "metrics.port=9400"]
+GPU_TAIL = ["--set", "train.device=cuda", *METRICS_SET]  # what launch appends to a GPU job's m3i train
 TORCHRUN = [
     "torchrun", "--nnodes=$(PET_NNODES)", "--nproc_per_node=$(PET_NPROC_PER_NODE)", "--node_rank=$(PET_NODE_RANK)",
     "--master_addr=$(PET_MASTER_ADDR)", "--master_port=$(PET_MASTER_PORT)",
@@ -154,7 +155,7 @@ def test_trainjob_is_valid_and_runs_m3i_train_under_torchrun(nodes):
     trainer = spec["trainer"]
     assert trainer["image"] == cfg.image
     assert (trainer["numNodes"], trainer["numProcPerNode"]) == (nodes, 8)
-    assert trainer["command"] == [*TORCHRUN, "-m", "m3i", "train", *TRAIN_ARGS, *METRICS_SET]
+    assert trainer["command"] == [*TORCHRUN, "-m", "m3i", "train", *TRAIN_ARGS, *GPU_TAIL]
     assert referenced_vars(trainer["command"]) == set(TORCHRUN_ENV)  # exactly what the torch plugin injects
     # GPUs, Guaranteed QoS: the same requests and limits as every other kind.
     want = {"cpu": "90", "memory": "900Gi", "nvidia.com/gpu": "8"}
@@ -194,6 +195,26 @@ def test_the_pod_policy_rides_in_the_runtime_patch():
     assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
     sc = c["securityContext"]
     assert sc["readOnlyRootFilesystem"] is True and sc["capabilities"] == {"drop": ["ALL"]} and sc["allowPrivilegeEscalation"] is False
+    assert spec["terminationGracePeriodSeconds"] == 300  # room for a final save, not Kubernetes' 30 s
+
+
+def test_grace_period_nccl_and_rdma_reach_the_trainer_pod():
+    """launch.termination_grace_seconds, nccl_env and an RDMA device: in the job (patch and trainer), not the runtime."""
+    cfg = trainjob_cfg(termination_grace_seconds=900, nccl_env={"NCCL_IB_HCA": "mlx5"}, rdma_resource="rdma/ib")
+    job = render_trainjob(cfg, TRAIN_ARGS, job_name="m3i-train-rdma")
+    assert_valid(job, TRAINJOB_CRD)
+    own = render_training_runtime(cfg)
+    assert_valid(own, RUNTIME_CRDS["TrainingRuntime"])
+    check_restricted_pod(own["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"])  # no IPC_LOCK
+    runtime = render_training_runtime(trainjob_cfg())  # a runtime of defaults: the job brings its own values
+    pod = trainer_pod(runtime, job)
+    validate_core(pod)
+    (c,) = pod["spec"]["containers"]
+    assert pod["spec"]["terminationGracePeriodSeconds"] == 900
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["M3I_TERMINATION_GRACE_SECONDS"] == "900" and env["NCCL_IB_HCA"] == "mlx5"
+    assert c["resources"]["limits"]["rdma/ib"] == "1" == c["resources"]["requests"]["rdma/ib"]
+    assert c["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["IPC_LOCK"]}
 
 
 def test_cpu_job_and_writable_root():
@@ -215,7 +236,7 @@ def test_cpu_job_and_writable_root():
 def test_escapes_kubernetes_variable_references():
     job = render_trainjob(trainjob_cfg(), ["--set", "train.out=$(HOME)/x"], job_name="fixed")
     assert job["metadata"]["name"] == "fixed"
-    assert job["spec"]["trainer"]["command"][-3:] == ["train.out=$$(HOME)/x", *METRICS_SET]
+    assert job["spec"]["trainer"]["command"][-5:] == ["train.out=$$(HOME)/x", *GPU_TAIL]
     assert referenced_vars(job["spec"]["trainer"]["command"]) == set(TORCHRUN_ENV)
 
 
@@ -329,7 +350,7 @@ def test_cli_dryrun_prints_a_valid_trainjob(capsys):
     assert_valid(job, TRAINJOB_CRD)
     trainer = job["spec"]["trainer"]
     assert trainer["numNodes"] == 2 and trainer["numProcPerNode"] == 1
-    assert trainer["command"][-5:] == ["train", "--preset", "demo", *METRICS_SET]
+    assert trainer["command"][-7:] == ["train", "--preset", "demo", "--set", "train.device=cpu", *METRICS_SET]
     assert job["spec"]["runtimeRef"]["name"] == "m3i-torch"
 
 

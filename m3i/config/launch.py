@@ -71,6 +71,7 @@ _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_NCCL_ENV = re.compile(r"^(TORCH_)?NCCL_[A-Z0-9_]+$")
 _QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$")
 _UNITS = {None: 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18}
 _UNITS.update({"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60})
@@ -186,8 +187,10 @@ class LaunchConfig:
     nodes: int = 1
     """Pods (hosts) in the job; each runs one torchrun agent."""
 
-    nproc_per_node: int = 1
-    """Training processes per pod (usually one per GPU)."""
+    nproc_per_node: int = 0
+    """Training processes (ranks) per pod; 0 (the default) runs one per GPU (``gpus_per_node``), or one
+    without GPUs. A value other than 0 is taken as given (at most ``gpus_per_node`` with GPUs);
+    :attr:`ranks_per_node` is what runs."""
 
     cpu: float = 4.0
     """CPU cores requested (and limited to) per pod."""
@@ -196,7 +199,10 @@ class LaunchConfig:
     """Memory requested (and limited to) per pod, as a Kubernetes quantity; includes ``shm_size``."""
 
     gpus_per_node: int = 0
-    """``nvidia.com/gpu`` per pod; 0 trains on CPU with gloo (``DS_ACCELERATOR=cpu``)."""
+    """``nvidia.com/gpu`` per pod (and, with ``nproc_per_node`` 0, one rank per GPU); every rank gets
+    ``--set train.device=cuda`` and fails at start when CUDA is unusable. 0 trains on CPU with gloo:
+    the ranks get ``train.device=cpu``, ``DS_ACCELERATOR=cpu`` and ``CUDA_VISIBLE_DEVICES=""`` (and
+    ``NVIDIA_VISIBLE_DEVICES=void`` on Kubernetes), so they see no GPU even on a GPU node."""
 
     node_selector: dict[str, str] = field(default_factory=dict, hash=False)
     """Node labels a pod must match, e.g. ``{cloud.google.com/gke-accelerator: nvidia-h100-80gb}``
@@ -243,6 +249,32 @@ class LaunchConfig:
     exposed as container ports ``metrics``, ``metrics-1``, ...; passed to ``m3i train`` as
     ``--set metrics.port=...``."""
 
+    termination_grace_seconds: int = 300
+    """Seconds Kubernetes waits after SIGTERM (preemption, eviction, node drain, deletion) before it kills a
+    training pod (``terminationGracePeriodSeconds`` of every pod kind; the ranks read it as
+    ``M3I_TERMINATION_GRACE_SECONDS``). On SIGTERM ``m3i train`` finishes its step and saves a final
+    checkpoint, which must fit in this time. Rough numbers for ViT-B/16 under M3I (online and EMA encoders
+    plus heads, ~0.2 G parameters): the ZeRO files hold fp32 weights and two Adam moments, ~12 bytes a
+    parameter, ~2.4 GB, and the world-size-free full copy as much again; ~5 GB staged, hashed (~1 GB/s)
+    and uploaded at 50-100 MB/s to object storage is 1-2 minutes, plus a step and the collective gather.
+    Kubernetes' default of 30 s would kill that save midway; 300 s leaves room. Raise it for larger models
+    or slower storage; a spot VM's own notice (30 s to 2 min) is not extended by it."""
+
+    nccl_env: dict[str, str] = field(default_factory=dict, hash=False)
+    """NCCL settings of the ranks as env vars, e.g. ``{NCCL_SOCKET_IFNAME: eth0, NCCL_IB_HCA: mlx5}``
+    (also accepted as ``NAME=value,NAME2=value2``): only ``NCCL_*`` and ``TORCH_NCCL_*`` names, whose values
+    are network and tuning settings, never credentials. They win over m3i's ``NCCL_DEBUG=WARN``;
+    ``env`` wins over them."""
+
+    rdma_resource: str | None = None
+    """Extended resource of an RDMA / InfiniBand device plugin each pod requests, e.g. ``rdma/ib``,
+    ``rdma/hca_shared_devices_a`` or ``nvidia.com/hostdev``; ``null`` (the default) requests none. With it
+    the container adds the capability ``IPC_LOCK`` (NCCL pins its RDMA buffers), which Pod Security
+    ``restricted`` and ``baseline`` refuse: the training namespace must enforce ``privileged``."""
+
+    rdma_per_node: int = 1
+    """How many ``rdma_resource`` devices each pod requests."""
+
     env: tuple[str, ...] = ()
     """Extra ``KEY=VALUE`` env vars of the trainer (e.g. ``NCCL_SOCKET_IFNAME=eth0``); never credentials:
     names that look like one (:data:`CREDENTIAL_ENV_NAME`: ``*SECRET*``, ``*PASSWORD*``, ``HF_TOKEN``,
@@ -267,7 +299,7 @@ class LaunchConfig:
         if m.group("tag") == "latest" and not m.group("digest"):
             raise ValueError(f"launch.image={self.image!r} uses the moving tag 'latest'; pin a version tag or a digest")
         check_range(s, "nodes", self.nodes, 1, 1024)
-        check_range(s, "nproc_per_node", self.nproc_per_node, 1, 128)
+        check_range(s, "nproc_per_node", self.nproc_per_node, 0, 128)
         check_range(s, "cpu", self.cpu, 0, 4096, lo_open=True)
         check_range(s, "gpus_per_node", self.gpus_per_node, 0, 64)
         if self.gpus_per_node and self.nproc_per_node > self.gpus_per_node:
@@ -303,9 +335,9 @@ class LaunchConfig:
         check_range(s, "max_retries", self.max_retries, 0, 100)
         check_range(s, "rdzv_port", self.rdzv_port, 1024, 65535)
         check_range(s, "metrics_port", self.metrics_port, 1024, 65535)
-        last = self.metrics_port + self.nproc_per_node - 1
+        last = self.metrics_port + self.ranks_per_node - 1
         if last > 65535:
-            raise ValueError(f"launch.metrics_port={self.metrics_port} + {self.nproc_per_node} local ranks passes port 65535")
+            raise ValueError(f"launch.metrics_port={self.metrics_port} + {self.ranks_per_node} local ranks passes port 65535")
         if self.metrics_port <= self.rdzv_port <= last:
             raise ValueError(
                 f"launch.rdzv_port={self.rdzv_port} falls in the metrics ports {self.metrics_port}..{last} "
@@ -321,6 +353,19 @@ class LaunchConfig:
                     "(launch.env refuses names like *SECRET*, *PASSWORD*, *_TOKEN, *_KEY, MINIO_ROOT_*)"
                 )
         check_range(s, "run_as_user", self.run_as_user, 1, 2**31 - 1)
+        check_range(s, "termination_grace_seconds", self.termination_grace_seconds, 1, 86400)
+        nccl = _mapping_of_str("nccl_env", self.nccl_env)
+        for k in nccl:
+            if not _NCCL_ENV.match(k):
+                raise ValueError(
+                    f"launch.nccl_env sets {k!r}; only NCCL_* and TORCH_NCCL_* names are allowed (other env goes in launch.env)"
+                )
+        object.__setattr__(self, "nccl_env", nccl)
+        if self.rdma_resource is not None and not (_is_label_key(self.rdma_resource) and "/" in self.rdma_resource):
+            raise ValueError(
+                f"launch.rdma_resource={self.rdma_resource!r} is not an extended resource name; use domain/name, e.g. rdma/ib"
+            )
+        check_range(s, "rdma_per_node", self.rdma_per_node, 1, 64)
         if self.kind == "trainjob":
             self._check_trainjob()
         if self.kueue and not _is_label_value(self.queue):
@@ -341,6 +386,11 @@ class LaunchConfig:
         reserved = sorted(set(self.env_dict()) & set(TORCHRUN_ENV))
         if reserved:
             raise ValueError(f"launch.env sets {reserved}, which Kubeflow Trainer injects itself with launch.kind='trainjob'")
+
+    @property
+    def ranks_per_node(self) -> int:
+        """Training processes per pod: ``nproc_per_node``, or with 0 one per GPU (one without GPUs)."""
+        return self.nproc_per_node or self.gpus_per_node or 1
 
     def env_dict(self) -> dict[str, str]:
         """``launch.env`` as a dict (later entries win)."""

@@ -22,7 +22,8 @@ _SHORTHANDS = (
     ("scheduler", "launch.scheduler", str, "local_cwd or kubernetes"),
     ("kind", "launch.kind", str, "on kubernetes: volcano, pytorchjob or trainjob"),
     ("nodes", "launch.nodes", int, "pods (hosts)"),
-    ("nproc_per_node", "launch.nproc_per_node", int, "training processes per pod"),
+    ("gpus_per_node", "launch.gpus_per_node", int, "nvidia.com/gpu per pod, one rank per GPU unless --nproc-per-node says otherwise"),
+    ("nproc_per_node", "launch.nproc_per_node", int, "training processes per pod; 0: one per GPU, or 1 without GPUs"),
     ("image", "launch.image", str, "pinned container image"),
 )
 

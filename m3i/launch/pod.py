@@ -2,7 +2,7 @@
 
 torchx 0.7's kubernetes scheduler renders a pod per task but cannot express tolerations,
 node selectors other than ``node.kubernetes.io/instance-type``, env from Secrets, a sized
-``/dev/shm`` or security contexts. :func:`apply_pod_policy` sets all of them on a rendered
+``/dev/shm``, security contexts, an RDMA device or the termination grace period. :func:`apply_pod_policy` sets all of them on a rendered
 pod template (a plain dict), so the Volcano Job and the PyTorchJob carry the same pod.
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 from m3i.config.launch import S3_SECRET_KEYS, LaunchConfig, parse_toleration
 from m3i.launch.torchx_app import CACHE_DIR, TMP_DIR
 
-__all__ = ["apply_pod_policy", "resources", "secret_env", "POD_LABELS"]
+__all__ = ["apply_pod_policy", "capabilities", "resources", "secret_env", "POD_LABELS"]
 
 POD_LABELS = {"app.kubernetes.io/part-of": "m3i", "app.kubernetes.io/component": "train"}
 """Labels on every training pod: what a PodMonitor selects (with port ``metrics``)."""
@@ -27,6 +27,8 @@ def resources(cfg: LaunchConfig) -> dict[str, dict[str, str]]:
     amount = {"cpu": cpu, "memory": cfg.memory}
     if cfg.gpus_per_node:
         amount["nvidia.com/gpu"] = str(cfg.gpus_per_node)
+    if cfg.rdma_resource:
+        amount[cfg.rdma_resource] = str(cfg.rdma_per_node)
     return {"requests": dict(amount), "limits": dict(amount)}
 
 
@@ -54,6 +56,16 @@ def pod_security_context(cfg: LaunchConfig) -> dict[str, Any]:
     }
 
 
+def capabilities(cfg: LaunchConfig) -> dict[str, list[str]]:
+    """None but ``IPC_LOCK`` with an RDMA device (``launch.rdma_resource``): NCCL's InfiniBand / RoCE
+    transport pins its buffers in memory, which needs the capability beyond the default memlock limit.
+    Pod Security ``restricted`` and ``baseline`` refuse it, so it is off unless RDMA is asked for."""
+    caps: dict[str, list[str]] = {"drop": ["ALL"]}
+    if cfg.rdma_resource:
+        caps["add"] = ["IPC_LOCK"]
+    return caps
+
+
 def container_security_context(cfg: LaunchConfig) -> dict[str, Any]:
     return {
         "runAsNonRoot": True,
@@ -62,7 +74,7 @@ def container_security_context(cfg: LaunchConfig) -> dict[str, Any]:
         "privileged": False,
         "allowPrivilegeEscalation": False,
         "readOnlyRootFilesystem": cfg.read_only_root_filesystem,
-        "capabilities": {"drop": ["ALL"]},
+        "capabilities": capabilities(cfg),
         "seccompProfile": {"type": "RuntimeDefault"},
     }
 
@@ -100,6 +112,8 @@ def apply_pod_policy(template: dict[str, Any], cfg: LaunchConfig) -> dict[str, A
     (container,) = spec["containers"]
 
     spec["securityContext"] = pod_security_context(cfg)
+    # Time for the SIGTERM save (launch.termination_grace_seconds) before Kubernetes kills the pod.
+    spec["terminationGracePeriodSeconds"] = cfg.termination_grace_seconds
     # Training never calls the Kubernetes API; cloud IAM bindings use their own projected tokens.
     spec["automountServiceAccountToken"] = False
     # A Service named e.g. "master" would otherwise inject MASTER_PORT=tcp://... and break torchrun.

@@ -30,7 +30,7 @@ def torchrun_command(cfg: LaunchConfig, args: Sequence[str], module: str = "m3i"
     return [
         "torchrun",
         f"--nnodes={cfg.nodes}",
-        f"--nproc_per_node={cfg.nproc_per_node}",
+        f"--nproc_per_node={cfg.ranks_per_node}",
         "--node_rank=$(RANK)",
         "--master_addr=$(MASTER_ADDR)",
         "--master_port=$(MASTER_PORT)",
@@ -106,7 +106,7 @@ def render_pytorchjob(
             "labels": {"app.kubernetes.io/name": cfg.name, "app.kubernetes.io/part-of": "m3i", **cfg.queue_labels()},
         },
         "spec": {
-            "nprocPerNode": str(cfg.nproc_per_node),
+            "nprocPerNode": str(cfg.ranks_per_node),
             "runPolicy": {"backoffLimit": cfg.max_retries, "cleanPodPolicy": "Running"},
             "pytorchReplicaSpecs": specs,
         },

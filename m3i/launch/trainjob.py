@@ -11,8 +11,9 @@ expansion, as the PyTorchJob's reads the operator's ``RANK`` and ``MASTER_ADDR``
 
 What the ``trainer`` fields cannot say goes into ``spec.runtimePatches`` under the manager
 ``m3i.io/launch``, limited to what the Trainer lets a patch set: pod labels and annotations,
-node selector, tolerations, ServiceAccount, pod and container security contexts, volumes
-(the sized memory-backed ``/dev/shm``, writable ``/tmp`` and ``/cache``) and mounts. Two
+node selector, tolerations, ServiceAccount, pod and container security contexts (``IPC_LOCK``
+with an RDMA device), the termination grace period, volumes (the sized memory-backed
+``/dev/shm``, writable ``/tmp`` and ``/cache``) and mounts. Two
 parts of the pod policy of :mod:`m3i.launch.pod` go elsewhere:
 
 - env, the S3 Secret's keys by reference included, is ``spec.trainer.env``: the Trainer
@@ -33,6 +34,7 @@ every setting reaches the pods as ``m3i train`` arguments.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any, Sequence
 
@@ -69,7 +71,7 @@ RUNTIME_RANKS = 8
 """Local ranks whose metrics ports the runtime declares (the PodMonitors scrape ``metrics`` ... ``metrics-7``)."""
 
 # Pod spec fields of the pod policy a runtime patch may set (TrainJob v2.3 PodSpecPatch).
-_PATCHED_POD_FIELDS = ("serviceAccountName", "securityContext", "nodeSelector", "tolerations", "volumes")
+_PATCHED_POD_FIELDS = ("serviceAccountName", "securityContext", "nodeSelector", "tolerations", "volumes", "terminationGracePeriodSeconds")
 
 _RFC1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 
@@ -117,7 +119,7 @@ def render_trainjob(
 
     Returns:
         A ``trainer.kubeflow.org/v1alpha1`` TrainJob on ``cfg.runtime`` with ``cfg.nodes`` nodes
-        of ``cfg.nproc_per_node`` processes, and m3i's pod policy as its runtime patch.
+        of ``cfg.ranks_per_node`` processes, and m3i's pod policy as its runtime patch.
 
     Raises:
         ValueError: ``job_name`` is not an RFC 1035 label.
@@ -179,7 +181,7 @@ def render_trainjob(
                 # The S3 Secret's keys by reference: the Trainer takes env of the node container only here.
                 "env": [*env, *container["env"]],
                 "numNodes": cfg.nodes,
-                "numProcPerNode": cfg.nproc_per_node,
+                "numProcPerNode": cfg.ranks_per_node,
                 "resourcesPerNode": resources(cfg),
             },
             "runtimePatches": [patch],
@@ -188,11 +190,11 @@ def render_trainjob(
 
 
 def _runtime_ports(cfg: LaunchConfig) -> list[dict[str, Any]]:
-    """Metrics ports of ``max(RUNTIME_RANKS, nproc_per_node)`` local ranks, named as torchx_app.metrics_ports names them.
+    """Metrics ports of ``max(RUNTIME_RANKS, ranks_per_node)`` local ranks, named as torchx_app.metrics_ports names them.
 
     A patch cannot add container ports, so the runtime declares them for every job it runs.
     """
-    ranks = max(RUNTIME_RANKS, cfg.nproc_per_node)
+    ranks = max(RUNTIME_RANKS, cfg.ranks_per_node)
     first, last = cfg.metrics_port, cfg.metrics_port + ranks - 1
     if last > 65535 or first <= TRAINER_MASTER_PORT <= last:
         raise ValueError(
@@ -230,6 +232,8 @@ def render_training_runtime(cfg: LaunchConfig, cluster: bool | None = None) -> d
     """
     if cluster is None:
         cluster = cfg.runtime_kind == "ClusterTrainingRuntime"
+    # An RDMA device and its IPC_LOCK capability are a job's to ask for, never every job's.
+    cfg = dataclasses.replace(cfg, rdma_resource=None)
     env = train_env(cfg)
     pod = apply_pod_policy(
         {
@@ -242,7 +246,8 @@ def render_training_runtime(cfg: LaunchConfig, cluster: bool | None = None) -> d
                         "image": cfg.image,
                         # Images are pinned by tag or digest (launch.image), so a cached one is the same.
                         "imagePullPolicy": "IfNotPresent",
-                        "command": torchrun_command(train_command(cfg, [])),
+                        # The device follows each job's GPUs (the TrainJob's command); the runtime's own is auto.
+                        "command": torchrun_command(train_command(cfg, [], device=False)),
                         "env": [{"name": k, "value": env[k]} for k in _RUNTIME_ENV],
                         "ports": _runtime_ports(cfg),
                     }

@@ -302,7 +302,7 @@ def run_cluster_job(
     try:
         job.create()
         created = True
-        out.write(f"submitted {cfg.kind} {job.handle} ({cfg.nodes} x {cfg.nproc_per_node} processes)\n")
+        out.write(f"submitted {cfg.kind} {job.handle} ({cfg.nodes} x {cfg.ranks_per_node} processes)\n")
         out.flush()
         while True:
             try:

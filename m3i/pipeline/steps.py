@@ -361,7 +361,8 @@ def train_model(
     if launcher != "inline" and tolerations:
         train_set.append(f"launch.tolerations={json.dumps([_toleration_spec(t) for t in tolerations])}")
     cfg, full = step_config(preset, [*overrides, *train_set])
-    nproc = gpus_per_node or cfg.launch.nproc_per_node
+    # One rank per GPU; without GPUs the config's count, or one (launch.nproc_per_node 0 is "one per GPU").
+    nproc = gpus_per_node or cfg.launch.nproc_per_node or 1
     lcfg = dataclasses.replace(
         cfg.launch,
         scheduler="local_cwd" if launcher == "inline" else "kubernetes",

@@ -196,6 +196,14 @@ imagePullSecrets:
 {{- if and (eq .Values.launch.kind "trainjob") (ne (int .Values.launch.rdzvPort) 29500) }}
 {{- fail (printf "launch.rdzvPort=%v cannot apply with launch.kind=trainjob: Kubeflow Trainer always uses port 29500" .Values.launch.rdzvPort) }}
 {{- end }}
+{{- with .Values.launch }}
+{{- if and (kindIs "invalid" .nprocPerNode) (not (kindIs "invalid" .gpusPerNode)) (gt (int .gpusPerNode) 8) }}
+{{- fail (printf "launch.gpusPerNode=%v runs one rank per GPU, more than the 8 whose metrics ports the chart's runtime and monitors cover; set launch.nprocPerNode (at most 8)" .gpusPerNode) }}
+{{- end }}
+{{- if and .rdmaResource $.Values.namespace.create (ne $.Values.namespace.podSecurity "privileged") (not .namespace) }}
+{{- fail (printf "launch.rdmaResource=%s adds capability IPC_LOCK, which Pod Security %q refuses: set namespace.podSecurity=privileged, or train in a namespace (launch.namespace) that enforces privileged" .rdmaResource $.Values.namespace.podSecurity) }}
+{{- end }}
+{{- end }}
 {{- with .Values.kueue.localQueue }}
 {{- if and $.Values.kueue.enabled .create .name (ne .name $.Values.launch.queue) }}
 {{- fail (printf "kueue.localQueue.name=%s differs from launch.queue=%s, the queue the jobs' kueue.x-k8s.io/queue-name label names" .name $.Values.launch.queue) }}
