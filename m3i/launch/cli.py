@@ -7,12 +7,14 @@
 ``--config`` file travels as ``--set`` pairs, since the pods cannot read this machine's
 files). Everything after ``--`` is appended verbatim and wins over what was forwarded (on
 Kubernetes, paths in it are paths inside the image). The whole config is validated before
-anything starts: an unknown key or a bad value exits 2.
+anything starts: an unknown key or a bad value exits 2, and so do loaders that would not fit in
+``/dev/shm`` (:mod:`m3i.launch.shm`; a warning when they only just fit).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -90,8 +92,12 @@ def forwarded_train_args(args: argparse.Namespace, scheduler: str) -> list[str]:
     return out
 
 
-def check_train_args(train_args: Sequence[str], *, local: bool) -> None:
+def check_train_args(train_args: Sequence[str], *, local: bool) -> Any:
     """Parse and validate what every rank's ``m3i train`` will get, before anything starts.
+
+    Returns:
+        The :class:`m3i.config.Config` the ranks will load (on Kubernetes without a ``--config``
+        file that only the image holds).
 
     Raises:
         ValueError: An unknown section, key or preset, or a value a section rejects.
@@ -104,7 +110,7 @@ def check_train_args(train_args: Sequence[str], *, local: bool) -> None:
     # On Kubernetes a --config after `--` names a file inside the image: check it only if it is here too.
     config = ns.config if ns.config and (local or Path(ns.config).is_file()) else None
     try:
-        load_config(ns.preset, config, ns.overrides)
+        return load_config(ns.preset, config, ns.overrides)
     except ValueError as e:
         raise ValueError(f"m3i train would refuse its arguments {list(train_args)}: {e}") from None
 
@@ -117,7 +123,13 @@ def cmd_launch(args: argparse.Namespace) -> int:
     extra = [f"{key}={getattr(args, dest)}" for dest, key, _, _ in _SHORTHANDS if getattr(args, dest) is not None]
     cfg = load_config(args.preset, args.config, [*args.overrides, *extra]).launch
     train_args = [*forwarded_train_args(args, cfg.scheduler), *_train_args(args.train_args)]
-    check_train_args(train_args, local=cfg.scheduler == "local_cwd")
+    train_cfg = check_train_args(train_args, local=cfg.scheduler == "local_cwd")
+    # The loaders' shared memory: refused (ValueError, exit 2) when it cannot fit, a warning when tight.
+    from m3i.launch.shm import check_shm
+
+    warning = check_shm(cfg, train_cfg)
+    if warning:
+        print(f"m3i launch: warning: {warning}", file=sys.stderr)
     if args.wait and not args.dryrun:
         if cfg.scheduler != "kubernetes":
             raise ValueError(f"--wait follows a Kubernetes job; launch.scheduler={cfg.scheduler!r} already waits")
