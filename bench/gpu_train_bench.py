@@ -45,6 +45,7 @@ def main() -> int:
     if args.device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from m3i.config import load_config
+    from m3i.data import to_device
     from m3i.demo import draw_scene
     from m3i.models import build_model, ema_momentum
     from m3i.train.dist import init_distributed
@@ -72,7 +73,7 @@ def main() -> int:
                   "source": ("labelled", "captioned", "unlabelled")[kind], "key": f"k{i}"}
         samples.append(transform(sample, torch.Generator().manual_seed(i)))
     batch = default_collate(samples)
-    batch = {k: (v.to(info.device).to(dtype) if v.is_floating_point() and dtype else v.to(info.device)) for k, v in batch.items()}
+    batch = to_device(batch, info.device, dtype)  # uint8 views normalised on the device, as m3i train does
 
     model = build_model(cfg, num_classes=8)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)

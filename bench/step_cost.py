@@ -203,7 +203,7 @@ def _plain_steps(cfg: Config, warmup: int) -> list[float]:
 
     import numpy as np
 
-    from m3i.data import ShardLoader
+    from m3i.data import ShardLoader, to_device
     from m3i.models import ema_momentum
     from m3i.train.engine import lr_lambda, param_groups, peak_lr
     from m3i.transforms import build_transform
@@ -222,7 +222,7 @@ def _plain_steps(cfg: Config, warmup: int) -> list[float]:
     try:
         while step < t.steps:
             for batch in loader:
-                loss = model(batch)["loss"]
+                loss = model(to_device(batch, "cpu"))["loss"]  # uint8 views normalised as m3i train does
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)

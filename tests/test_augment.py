@@ -16,7 +16,8 @@ from m3i.config import Config, load_config
 from m3i.config.model import ModelConfig, ObjectiveConfig
 from m3i.models import view_positions
 from m3i.text import CLS_ID, EOS_ID, PAD_ID, ByteTokenizer
-from m3i.transforms import CropBox, block_mask, build_transform, num_masked, to_tensor, view_geometry
+from m3i.data import normalize
+from m3i.transforms import CropBox, block_mask, build_transform, num_masked, to_uint8, view_geometry
 
 NO_COLOUR = [
     "objective.color_jitter=0",
@@ -96,7 +97,7 @@ def test_relative_positions_match_image_content():
         pos = view_positions(out["geom"][None], grid)[0]  # [L, 4] in v1 patch units
         v1_xy = torch.stack([(pos[:, 1] + 0.5) * patch, (pos[:, 0] + 0.5) * patch], -1)  # same points, v1 pixels
         inside = ((v1_xy > 2) & (v1_xy < size - 2)).all(-1)
-        a, b = at(out["v2"], v2_xy[inside]), at(out["v1"], v1_xy[inside])
+        a, b = at(normalize(out["v2"]), v2_xy[inside]), at(normalize(out["v1"]), v1_xy[inside])
         # normalised units: one 8-bit step is ~0.017; allow a few steps of resampling error
         assert torch.allclose(a, b, atol=0.1), (seed, out["geom"], (a - b).abs().max())
         checked += int(inside.sum())
@@ -153,6 +154,7 @@ def test_train_transform_outputs_and_collate():
     ]
     b = default_collate(items)
     assert b["v1"].shape == (3, 3, 32, 32) and b["v2"].shape == (3, 3, 32, 32)
+    assert b["v1"].dtype == b["v2"].dtype == torch.uint8  # normalised on the device (m3i.data.to_device)
     assert b["geom"].shape == (3, 5) and b["mask"].shape == (3, 16) and b["mask"].dtype == torch.bool
     assert b["cls"].tolist() == [2, -1, -1] and b["has_txt"].tolist() == [False, True, False]
     assert b["tokens"].shape == (3, cfg.model.text_max_len) and b["tokens"].dtype == torch.long
@@ -202,16 +204,17 @@ def test_eval_transform_is_deterministic_centre_crop():
     a = t(sample(img, cls=5))
     b = t(sample(img, cls=5), torch.Generator().manual_seed(99))
     assert set(a) >= {"image", "cls"} and a["image"].shape == (3, 32, 32) and int(a["cls"]) == 5
-    assert torch.equal(a["image"], b["image"])
+    assert a["image"].dtype == torch.uint8 and torch.equal(a["image"], b["image"])
     # a centre crop of a left-to-right ramp is symmetric about the middle in red
-    red = a["image"][0].mean(0)
+    red = normalize(a["image"])[0].mean(0)
     assert abs(float(red[:16].mean() + red[16:].mean()) / 2 - float(red.mean())) < 1e-5
     assert float(red[0]) < float(red[-1])
 
 
-def test_to_tensor_normalises():
-    x = to_tensor(Image.new("RGB", (4, 4), (124, 116, 104)))
-    assert x.abs().max() < 0.01  # the ImageNet mean maps to ~0
+def test_to_uint8_keeps_the_pixels_and_normalize_centres_them():
+    x = to_uint8(Image.new("RGB", (5, 4), (124, 116, 104)))
+    assert x.dtype == torch.uint8 and x.shape == (3, 4, 5) and x[:, 0, 0].tolist() == [124, 116, 104]
+    assert normalize(x).abs().max() < 0.01  # the ImageNet mean maps to ~0
 
 
 def test_image_size_must_divide_by_patch():

@@ -132,12 +132,16 @@ def test_eval_view_uses_the_models_own_mean_std_and_crop():
     from m3i.evaluate import Encoder, eval_transform
 
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 20, 3), dtype=np.uint8))
+    from m3i.data import to_device
+
     view = eval_transform(Encoder(None, 16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), crop_pct=0.8))
     x = view({"image": img, "cls": 3})
     # crop_pct 0.8: the short side is resized to 16 / 0.8 = 20 (no-op here), then the centre 16 x 16 kept
-    raw = torch.from_numpy(np.asarray(img)[2:18, 2:18].copy()).permute(2, 0, 1).float() / 255
-    assert x["cls"] == 3 and x["image"].shape == (3, 16, 16)
-    assert torch.allclose(x["image"], (raw - 0.5) / 0.25, atol=1e-5)
+    raw = torch.from_numpy(np.asarray(img)[2:18, 2:18].copy()).permute(2, 0, 1)
+    assert x["cls"] == 3 and x["image"].shape == (3, 16, 16) and torch.equal(x["image"], raw)  # pixels
+    assert (view.mean, view.std) == ((0.5,) * 3, (0.25,) * 3)  # what extract_features normalises with on the device
+    normalised = to_device(x, "cpu", None, view.mean, view.std)["image"]
+    assert torch.allclose(normalised, (raw.float() / 255 - 0.5) / 0.25, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------- config
@@ -168,6 +172,7 @@ def test_config_defaults():
         ("pushgateway", "http://pg host:9091"),
         ("batch_size", 0),
         ("num_workers", -1),
+        ("device", "gpu"),
     ],
 )
 def test_config_rejects_bad_values(key, bad):
@@ -180,6 +185,30 @@ def test_cli_bad_value_exits_2(capsys):
 
     assert main(["evaluate", "--set", "evaluate.k=0"]) == 2
     assert "evaluate.k=0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "setting, cuda, want",
+    [("auto", False, "cpu"), ("auto", True, "cuda"), ("cpu", True, "cpu"), ("cpu", False, "cpu"), ("cuda", True, "cuda")],
+)
+def test_device_resolution(monkeypatch, setting, cuda, want):
+    from m3i.data import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    assert resolve_device(EvaluateConfig(device=setting).device).type == want
+
+
+def test_cuda_without_cuda_is_a_clear_error_exit_2_before_any_loading(monkeypatch, capsys, tmp_path):
+    from m3i.cli import main
+    from m3i.data import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"evaluate.device='cuda' but CUDA is not available here \(torch .* device\(s\) visible"):
+        resolve_device("cuda")
+    # The model does not exist: the device is checked first, so its error is the one reported.
+    assert main(["evaluate", "--set", "evaluate.device=cuda", "--set", f"evaluate.model={tmp_path / 'nothing'}"]) == 2
+    err = capsys.readouterr().err
+    assert "m3i evaluate: error: evaluate.device='cuda' but CUDA is not available" in err and len(err.splitlines()) == 1
 
 
 def test_no_model_or_a_folder_without_one_is_a_value_error(tmp_path):

@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from m3i.data import EpochPlan, ShardLoader
 from m3i.data.plan import derive_seed
@@ -150,11 +151,15 @@ def test_too_small_for_a_batch_is_a_value_error(shards):
         ShardLoader(data_cfg(shards, batch_size=512))
 
 
-def test_default_transform_gives_normalised_tensors(shards):
+def test_default_transform_gives_pixels_normalised_on_the_device(shards):
+    from m3i.data import to_device
+
     loader = ShardLoader(data_cfg(shards, batch_size=8, image_size=24))
     b = next(iter(loader))
     assert tuple(b["image"].shape) == (8, 3, 24, 24) and b["cls"].dtype.is_floating_point is False
-    assert -3 < float(b["image"].mean()) < 3
+    assert b["image"].dtype == torch.uint8  # a quarter of float32's bytes through the workers' shared memory
+    x = to_device(b, "cpu")["image"]
+    assert x.dtype == torch.float32 and -3 < float(x.mean()) < 3
 
 
 def test_derive_seed_is_stable():

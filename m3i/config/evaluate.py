@@ -7,9 +7,12 @@ from urllib.parse import urlsplit
 
 from m3i.config.core import MAX_BATCH, MAX_COUNT, MAX_LR, check_choice, check_positive, check_range
 
-__all__ = ["EvaluateConfig", "SPLITS"]
+__all__ = ["DEVICES", "EvaluateConfig", "SPLITS"]
 
 SPLITS = ("train", "eval")
+
+DEVICES = ("auto", "cpu", "cuda")
+"""Values of ``evaluate.device`` (resolved by :func:`m3i.data.resolve_device`)."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,12 @@ class EvaluateConfig:
     seed: int = 0
     """Seed of the probe's initialisation and order, and of the fine-tune."""
 
+    device: str = "auto"
+    """Where feature extraction, kNN, the linear probe and the fine-tune run: ``auto`` (the GPU when
+    torch finds CUDA, else the CPU), ``cpu``, or ``cuda`` (an error, exit status 2, where CUDA is not
+    available). Scores on the CPU are what they were before this setting existed; on a GPU they may
+    differ in the last digits (float rounding of other kernels)."""
+
     def __post_init__(self) -> None:
         s = "evaluate"
         check_choice(s, "train_split", self.train_split, SPLITS)
@@ -107,3 +116,4 @@ class EvaluateConfig:
         check_range(s, "batch_size", self.batch_size, 1, MAX_BATCH)
         check_range(s, "num_workers", self.num_workers, 0, 64)
         check_range(s, "seed", self.seed, 0)
+        check_choice(s, "device", self.device, DEVICES)

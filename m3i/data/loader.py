@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, default_collate
 
 from m3i.config import DataConfig
 from m3i.data.dataset import Counters, Position, ShardStream, preload_decoders
+from m3i.data.device import current_device, pin_memory_for
 from m3i.data.gopen import register_s3_scheme
 from m3i.data.plan import EpochPlan, derive_seed
 from m3i.shard.index import ShardIndex, read_index
@@ -21,21 +22,16 @@ from m3i.storage import open_store
 
 __all__ = ["ShardLoader", "ImageTransform", "build_loader"]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
 class ImageTransform:
-    """A fixed transform: resize the shorter side, centre-crop, normalise; keeps cls/source.
+    """A fixed transform: resize the shorter side, centre-crop; keeps cls.
 
-    Deterministic, so it ignores the generator; it is what evaluation and the plain
-    loader pass use. Training plugs in the M3I two-view transform instead.
+    Deterministic, so it ignores the generator; it is what the plain loader pass uses.
+    Training plugs in the M3I two-view transform instead. The image stays ``uint8``
+    (``[3, S, S]``); :func:`m3i.data.to_device` normalises the batch where the model runs.
     """
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
     def __call__(self, sample: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, Any]:
         img: Image.Image = sample["image"]
@@ -46,9 +42,7 @@ class ImageTransform:
         left, top = (w - self.size) // 2, (h - self.size) // 2
         img = img.crop((left, top, left + self.size, top + self.size))
         x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(self.size, self.size, 3)
-        x = x.permute(2, 0, 1).float().div_(255)
-        x = (x - self.mean) / self.std
-        return {"image": x, "cls": torch.tensor(sample["cls"], dtype=torch.long)}
+        return {"image": x.permute(2, 0, 1), "cls": torch.tensor(sample["cls"], dtype=torch.long)}
 
 
 # DataLoader iterators whose (persistent) worker processes may be alive; see _stop_all_workers.
@@ -94,12 +88,19 @@ class ShardLoader:
     stops them, as does dropping the loader. The transform and collate function are
     copied into the workers when they start: replace them before the first iteration.
 
+    Batches bound for a CUDA device come in pinned host memory (the DataLoader's
+    ``pin_memory``), so that :func:`m3i.data.to_device`'s ``non_blocking`` copies overlap
+    with the device's work; for the CPU they do not (pinning would only add a copy).
+
     Args:
         cfg: The ``data`` config section.
         transform: ``transform(sample, generator) -> dict``; default :class:`ImageTransform`.
         rank: This process's rank.
         world_size: Number of ranks reading the data set.
         collate: Turns a list of transformed samples into a batch.
+        device: Where the batches go. ``None``: :func:`m3i.data.device.current_device` when the
+            workers start, i.e. the GPU that ``init_distributed`` selected, else the CPU. Only
+            whether batches are pinned depends on it; the loader itself never touches CUDA.
     """
 
     def __init__(
@@ -110,6 +111,7 @@ class ShardLoader:
         rank: int = 0,
         world_size: int = 1,
         collate: Callable = default_collate,
+        device: torch.device | str | None = None,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} is out of range for world_size={world_size}")
@@ -117,6 +119,7 @@ class ShardLoader:
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.transform = transform or ImageTransform(cfg.image_size)
         self.collate = collate
+        self.device = None if device is None else torch.device(device)
         self.store = open_store(cfg.shards)
         self.index: ShardIndex = read_index(self.store)
         self.shards = self.index.shards(cfg.split)
@@ -213,11 +216,13 @@ class ShardLoader:
         workers = self.cfg.num_workers
         if workers:
             preload_decoders()
+        device = self.device if self.device is not None else current_device()
         return DataLoader(
             stream,
             batch_size=None,
             num_workers=workers,
             persistent_workers=workers > 0,
+            pin_memory=pin_memory_for(device),
             prefetch_factor=2 if workers else None,
             # The DataLoader draws its workers' base seed at every iterator it creates; from
             # its own generator, the run's global torch RNG stays untouched by the loader.
@@ -253,7 +258,12 @@ class ShardLoader:
 
 
 def build_loader(
-    cfg: DataConfig, transform: Callable | None = None, *, rank: int = 0, world_size: int = 1
+    cfg: DataConfig,
+    transform: Callable | None = None,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | str | None = None,
 ) -> ShardLoader:
-    """The loader of ``cfg`` for one rank (see :class:`ShardLoader`)."""
-    return ShardLoader(cfg, transform, rank=rank, world_size=world_size)
+    """The loader of ``cfg`` for one rank, its batches bound for ``device`` (see :class:`ShardLoader`)."""
+    return ShardLoader(cfg, transform, rank=rank, world_size=world_size, device=device)

@@ -4,13 +4,14 @@
     result.metrics["knn"]["top1"], result.metrics["probe"]["top1"]   # fractions in [0, 1]
     result.metrics["random_init"]["knn"]["top1"]                     # the same architecture at random init
 
-The pieces work on their own too:
+Feature extraction runs where the module's weights are (``enc.module.to("cuda")`` for the GPU;
+``evaluate`` moves them to ``evaluate.device``). The pieces work on their own too:
 
     enc = load_encoder(uri)                           # exported folder, checkpoint or run (local or s3://)
     index = read_split_index(shards_uri)
     train = extract_features(enc.module, index, "train", eval_transform(enc))
     test = extract_features(enc.module, index, "eval", eval_transform(enc))
-    scores = score_features(train, test, index.classes, cfg.evaluate)
+    scores = score_features(train, test, index.classes, cfg.evaluate)      # kNN and probe on evaluate.device
     votes = knn_scores(train.features, train.labels, test.features, num_classes, k=20, temperature=0.07)
     logits = linear_probe(train.features, train.labels, test.features, num_classes)
     base = random_init(enc)                           # the architecture as training initialised it
@@ -18,7 +19,15 @@ The pieces work on their own too:
 """
 
 from m3i.evaluate.curves import find_history, loss_series
-from m3i.evaluate.features import Features, LabelledSplit, eval_transform, extract_features, labelled_count, read_split_index
+from m3i.evaluate.features import (
+    EvalView,
+    Features,
+    LabelledSplit,
+    eval_transform,
+    extract_features,
+    labelled_count,
+    read_split_index,
+)
 from m3i.evaluate.finetune import finetune
 from m3i.evaluate.knn import knn_scores, topk_accuracy
 from m3i.evaluate.load import Encoder, embed, load_encoder, load_exported, random_init, read_exported_config
@@ -42,6 +51,7 @@ __all__ = [
     "METRIC_NAMES",
     "Encoder",
     "EvalResult",
+    "EvalView",
     "Features",
     "LabelledSplit",
     "classification_metrics",

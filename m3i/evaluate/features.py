@@ -4,6 +4,10 @@ The training loader is the wrong tool here: it drops remainders, pads failures a
 shuffles. This is a plain sequential pass over the split's shards (webdataset's tar
 iterators through :func:`m3i.data.open_url`), shards dealt round-robin to DataLoader
 workers, and a count check against the index at the end.
+
+Workers hand over uint8 images; each batch is normalised with the model's own mean and std
+on the device the module's weights are on (:func:`m3i.data.to_device`), where the forward
+pass runs too. The features come back to the CPU once per split.
 """
 
 from __future__ import annotations
@@ -20,13 +24,22 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from m3i.config import Config, DataConfig
-from m3i.data import decode_sample, open_url
+from m3i.data import decode_sample, open_url, to_device
+from m3i.data.device import pin_memory_for
 from m3i.evaluate.load import Encoder, embed
 from m3i.shard.index import ShardIndex, ShardInfo, read_index
 from m3i.storage import open_store
 from m3i.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
 
-__all__ = ["Features", "LabelledSplit", "eval_transform", "extract_features", "labelled_count", "read_split_index"]
+__all__ = [
+    "EvalView",
+    "Features",
+    "LabelledSplit",
+    "eval_transform",
+    "extract_features",
+    "labelled_count",
+    "read_split_index",
+]
 
 log = logging.getLogger(__name__)
 
@@ -48,27 +61,29 @@ class Features:
         return int(self.labels.numel())
 
 
-class _EvalView:
-    """The eval view at the model's crop, normalised with its own mean and std where they are not ImageNet's."""
+class EvalView:
+    """The eval view at the model's crop (uint8 pixels), with the normalisation the model expects.
+
+    Calling it gives :class:`m3i.transforms.EvalTransform`'s ``{"image": uint8 [3, S, S], "cls"}``;
+    :func:`extract_features` and :func:`m3i.evaluate.finetune` normalise the batches with
+    :attr:`mean` and :attr:`std` on the device.
+    """
 
     def __init__(self, image_size: int, mean: tuple[float, ...], std: tuple[float, ...], crop_pct: float) -> None:
         cfg = dataclasses.replace(Config(), data=DataConfig(image_size=image_size))
         self.base = EvalTransform(cfg, crop_pct)
-        self.fix = tuple(mean) != IMAGENET_MEAN or tuple(std) != IMAGENET_STD
-        if self.fix:
-            self.a = (torch.tensor(IMAGENET_STD) / torch.tensor(std)).view(3, 1, 1)
-            self.b = ((torch.tensor(IMAGENET_MEAN) - torch.tensor(mean)) / torch.tensor(std)).view(3, 1, 1)
+        self.mean = tuple(float(v) for v in mean)
+        """Per-channel mean of the model's input normalisation."""
+        self.std = tuple(float(v) for v in std)
+        """Per-channel std."""
 
     def __call__(self, sample: dict[str, Any], gen: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        out = self.base(sample, gen)
-        if self.fix:  # x_model = (x * s_in + m_in - m) / s
-            out["image"] = out["image"] * self.a + self.b
-        return out
+        return self.base(sample, gen)
 
 
-def eval_transform(encoder: Encoder) -> Callable[[dict[str, Any], torch.Generator | None], dict[str, torch.Tensor]]:
+def eval_transform(encoder: Encoder) -> EvalView:
     """The deterministic eval view (resize, centre crop) at the encoder's size, crop and normalisation."""
-    return _EvalView(encoder.image_size, encoder.mean, encoder.std, encoder.crop_pct)
+    return EvalView(encoder.image_size, encoder.mean, encoder.std, encoder.crop_pct)
 
 
 class LabelledSplit(IterableDataset):
@@ -122,20 +137,26 @@ def extract_features(
     batch_size: int = 64,
     num_workers: int = 0,
     forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] = embed,
+    device: torch.device | str | None = None,
 ) -> Features:
     """Embed every labelled sample of ``split`` with ``module`` in eval mode.
+
+    Batches are normalised with ``transform.mean`` and ``transform.std`` (an :class:`EvalView`'s;
+    ImageNet's for a transform without them) on ``device`` and embedded there.
 
     Args:
         module: The encoder (a timm ViT for the default ``forward``).
         index: The data set's index (see :func:`read_split_index`).
         split: ``train`` or ``eval``.
-        transform: The eval view (see :func:`eval_transform`).
+        transform: The eval view (see :func:`eval_transform`), yielding uint8 images.
         batch_size: Images per forward pass.
         num_workers: DataLoader workers; shards are dealt round-robin among them.
         forward: ``forward(module, images [N, 3, S, S]) -> [N, D]``.
+        device: Where the forward passes run; default: where ``module``'s parameters are.
+            Batches for CUDA come from the workers in pinned memory.
 
     Returns:
-        The :class:`Features` of the split, in no particular order.
+        The :class:`Features` of the split on the CPU, in no particular order.
 
     Raises:
         ValueError: When the split has no labelled samples.
@@ -148,16 +169,23 @@ def extract_features(
     was_training = module.training
     module.eval()
     t0 = time.monotonic()
+    if device is None:
+        device = next(iter(module.parameters()), torch.empty(0)).device
+    mean, std = getattr(transform, "mean", IMAGENET_MEAN), getattr(transform, "std", IMAGENET_STD)
     ds = LabelledSplit(index.uri, index.shards(split), transform)
-    dl = DataLoader(ds, batch_size=batch_size, num_workers=num_workers, prefetch_factor=2 if num_workers else None)
+    dl = DataLoader(
+        ds, batch_size=batch_size, num_workers=num_workers, prefetch_factor=2 if num_workers else None,
+        pin_memory=pin_memory_for(device),
+    )
     feats, labels = [], []
     try:
         for batch in dl:
-            feats.append(forward(module, batch["image"]).float())  # [B, D]
+            images = to_device({"image": batch["image"]}, device, None, mean, std)["image"]
+            feats.append(forward(module, images).float())  # [B, D], on the device until the end
             labels.append(batch["cls"])
     finally:
         module.train(was_training)
-    features = torch.cat(feats) if feats else torch.empty(0)
+    features = torch.cat(feats).cpu() if feats else torch.empty(0)  # one copy back (and sync) per split
     y = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long)
     if len(y) != expected:
         raise RuntimeError(f"read {len(y)} labelled samples of split {split!r} of {index.uri}; its index lists {expected}")

@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from m3i.config import DataConfig, EvaluateConfig
-from m3i.data import ShardLoader
+from m3i.data import IMAGENET_MEAN, IMAGENET_STD, ShardLoader, resolve_device, to_device
 from m3i.evaluate.features import Features, extract_features, labelled_count
 from m3i.evaluate.load import embed
 from m3i.shard.index import ShardIndex
@@ -20,7 +20,7 @@ __all__ = ["finetune"]
 
 
 class _Flip:
-    """The eval view with a random horizontal flip drawn from the loader's per-sample generator."""
+    """The eval view with a random horizontal flip drawn from the loader's per-sample generator (on uint8 pixels)."""
 
     def __init__(self, base: Callable) -> None:
         self.base = base
@@ -56,24 +56,27 @@ def finetune(
     ``cfg.finetune_steps`` AdamW steps (``finetune_lr`` with 10 % linear warm-up and cosine decay,
     ``finetune_weight_decay`` on weight matrices) over shuffled labelled samples of
     ``cfg.train_split`` (batch ``cfg.batch_size``, eval view plus random flips), then scores every
-    labelled sample of ``cfg.eval_split``.
+    labelled sample of ``cfg.eval_split``. Runs on ``cfg.device``; batches are normalised there with
+    ``transform.mean`` and ``transform.std`` (an :class:`m3i.evaluate.EvalView`'s; ImageNet's otherwise).
 
     Returns:
-        :class:`Features` whose ``features`` are the eval-split logits ``[M, C]``.
+        :class:`Features` whose ``features`` are the eval-split logits ``[M, C]``, on the CPU.
 
     Raises:
         ValueError: When the train split has too few labelled samples for one batch.
     """
+    device = resolve_device(cfg.device)
+    mean, std = getattr(transform, "mean", IMAGENET_MEAN), getattr(transform, "std", IMAGENET_STD)
     torch.manual_seed(cfg.seed)
     encoder = copy.deepcopy(module).train()
     num_classes = index.num_classes
-    model = _Classifier(encoder, module.num_features, num_classes)
+    model = _Classifier(encoder, module.num_features, num_classes).to(device)
     n = labelled_count(index, cfg.train_split)
     data = DataConfig(
         shards=index.uri, split=cfg.train_split, image_size=image_size, batch_size=min(cfg.batch_size, max(1, n)),
         num_workers=cfg.num_workers, seed=cfg.seed, shuffle_buffer=256, sources=("labelled",),
     )
-    loader = ShardLoader(data, _Flip(transform))
+    loader = ShardLoader(data, _Flip(transform), device=device)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     rest = [p for p in model.parameters() if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.finetune_weight_decay}, {"params": rest, "weight_decay": 0.0}]
@@ -85,6 +88,7 @@ def finetune(
     step = 0
     while step < total:
         for batch in loader:
+            batch = to_device(batch, device, None, mean, std)
             loss = F.cross_entropy(model(batch["image"]), batch["cls"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -94,8 +98,9 @@ def finetune(
             step += 1
             if step >= total:
                 break
+    loader.close()  # its persistent workers (if any) are done
     model.eval()
     return extract_features(
         model, index, cfg.eval_split, transform, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-        forward=lambda m, x: m(x),
+        forward=lambda m, x: m(x), device=device,
     )

@@ -32,8 +32,10 @@ def knn_scores(
         temperature: Softness of the vote weights.
         chunk: Queries per similarity block (bounds memory at ``chunk x N``).
 
+    Runs on the device of ``eval_features`` (the other tensors are moved there).
+
     Returns:
-        Votes ``[M, C]`` (rank them for top-k predictions).
+        Votes ``[M, C]`` on that device (rank them for top-k predictions).
 
     Raises:
         ValueError: On empty inputs, mismatched shapes, ``k < 1`` or ``temperature <= 0``.
@@ -44,10 +46,12 @@ def knn_scores(
         raise ValueError(f"memory bank of {len(train_features)} features and {len(train_labels)} labels; need equal, > 0")
     if k < 1 or temperature <= 0:
         raise ValueError(f"k={k}, temperature={temperature}; allowed k >= 1, temperature > 0")
-    bank = F.normalize(train_features.float(), dim=1)  # [N, D]
+    device = eval_features.device
+    bank = F.normalize(train_features.to(device).float(), dim=1)  # [N, D]
     queries = F.normalize(eval_features.float(), dim=1)  # [M, D]
+    train_labels = train_labels.to(device)
     k = min(k, len(bank))
-    out = torch.zeros(len(queries), num_classes)
+    out = torch.zeros(len(queries), num_classes, device=device)
     for lo in range(0, len(queries), chunk):
         sim = queries[lo : lo + chunk] @ bank.T  # [m, N]
         top_sim, top_idx = sim.topk(k, dim=1)  # [m, k]

@@ -27,7 +27,9 @@ def linear_probe(
 
     Features are standardised with the training set's per-dimension mean and std (so one
     learning rate fits every encoder), then ``nn.Linear(D, C)`` is trained with AdamW and a
-    cosine schedule on shuffled mini-batches. Deterministic for a given ``seed``.
+    cosine schedule on shuffled mini-batches. Deterministic for a given ``seed``. Trains on the
+    device of ``train_features``; the initialisation and the order are drawn on the CPU, so
+    they are the same on every device.
 
     Args:
         train_features: ``[N, D]``.
@@ -41,7 +43,7 @@ def linear_probe(
         seed: Seed of the initialisation and the order.
 
     Returns:
-        Logits ``[M, C]``.
+        Logits ``[M, C]`` on the device of ``train_features``.
 
     Raises:
         ValueError: On empty or mismatched inputs.
@@ -49,6 +51,7 @@ def linear_probe(
     if len(train_features) == 0 or len(train_features) != len(train_labels):
         raise ValueError(f"{len(train_features)} features and {len(train_labels)} labels; need equal, > 0")
     gen = torch.Generator().manual_seed(seed)
+    device = train_features.device
     x = train_features.float()
     mean, std = x.mean(0, keepdim=True), x.std(0, keepdim=True, unbiased=False).clamp_min(1e-6)  # [1, D]
     x = (x - mean) / std
@@ -57,14 +60,15 @@ def linear_probe(
         bound = 1 / math.sqrt(x.shape[1])
         head.weight.uniform_(-bound, bound, generator=gen)
         head.bias.zero_()
+    head.to(device)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(len(x) / batch_size)
     total = epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
-    y = train_labels.long()
+    y = train_labels.long().to(device)
     with torch.enable_grad():
         for _ in range(epochs):
-            order = torch.randperm(len(x), generator=gen)
+            order = torch.randperm(len(x), generator=gen).to(device)
             for lo in range(0, len(x), batch_size):
                 idx = order[lo : lo + batch_size]
                 loss = F.cross_entropy(head(x[idx]), y[idx])
@@ -73,4 +77,4 @@ def linear_probe(
                 opt.step()
                 sched.step()
     with torch.no_grad():
-        return head((eval_features.float() - mean) / std)
+        return head((eval_features.to(device).float() - mean) / std)

@@ -14,6 +14,7 @@ from torch.nn import functional as F
 
 from m3i import __version__
 from m3i.config import Config, EvaluateConfig
+from m3i.data import resolve_device
 from m3i.evaluate.curves import find_history, history_summary, loss_series
 from m3i.evaluate.features import Features, eval_transform, extract_features, read_split_index
 from m3i.evaluate.finetune import finetune
@@ -55,13 +56,13 @@ def feature_spread(features: torch.Tensor) -> float:
 
 
 def score_features(train: Features, test: Features, classes: Sequence[str], cfg: EvaluateConfig) -> dict[str, Any]:
-    """kNN and linear-probe scores of frozen features.
+    """kNN and linear-probe scores of frozen features, computed on ``cfg.device``.
 
     Args:
         train: The memory bank and the probe's training set.
         test: The held-out features to score.
         classes: Class names (``C``); labels index into them.
-        cfg: The ``evaluate`` section (``k``, ``knn_temperature``, ``probe_*``, ``seed``).
+        cfg: The ``evaluate`` section (``k``, ``knn_temperature``, ``probe_*``, ``seed``, ``device``).
 
     Returns:
         ``{"knn": {..., "k", "temperature"}, "probe": {...}, "feature_std": {"train", "eval"},
@@ -69,13 +70,15 @@ def score_features(train: Features, test: Features, classes: Sequence[str], cfg:
         :func:`m3i.evaluate.report.classification_metrics` returns it.
     """
     c = len(classes)
+    device = resolve_device(cfg.device)
+    x_train, y_train, x_test = (t.to(device) for t in (train.features, train.labels, test.features))
     t0 = time.monotonic()
-    votes = knn_scores(train.features, train.labels, test.features, c, cfg.k, cfg.knn_temperature)
+    votes = knn_scores(x_train, y_train, x_test, c, cfg.k, cfg.knn_temperature).cpu()
     t1 = time.monotonic()
     logits = linear_probe(
-        train.features, train.labels, test.features, c, epochs=cfg.probe_epochs, lr=cfg.probe_lr,
+        x_train, y_train, x_test, c, epochs=cfg.probe_epochs, lr=cfg.probe_lr,
         weight_decay=cfg.probe_weight_decay, batch_size=cfg.probe_batch_size, seed=cfg.seed,
-    )
+    ).cpu()
     t2 = time.monotonic()
     return {
         "knn": {**classification_metrics(votes, test.labels, classes), "k": cfg.k, "temperature": cfg.knn_temperature},
@@ -93,15 +96,16 @@ def score_features(train: Features, test: Features, classes: Sequence[str], cfg:
 def score_random_init(encoder: Encoder, index: ShardIndex, transform: Any, cfg: EvaluateConfig) -> dict[str, Any]:
     """The baseline: the encoder's architecture at random init, scored as the trained encoder is.
 
-    Seeded as training seeds it (:func:`m3i.evaluate.random_init`), embedded with the same eval
-    view, scored with the same kNN and probe settings (:func:`score_features`).
+    Seeded as training seeds it (:func:`m3i.evaluate.random_init`, on the CPU, then moved to
+    ``cfg.device``), embedded with the same eval view, scored with the same kNN and probe settings
+    (:func:`score_features`).
 
     Returns:
         ``{"seed", "seed_source", "architecture", "knn", "probe", "feature_std", "seconds"}``, ``knn``,
         ``probe`` and ``feature_std`` as :func:`score_features` returns them.
     """
     t0 = time.monotonic()
-    module = random_init(encoder)
+    module = random_init(encoder).to(resolve_device(cfg.device))
     kw = {"batch_size": cfg.batch_size, "num_workers": cfg.num_workers}
     train = extract_features(module, index, cfg.train_split, transform, **kw)
     test = extract_features(module, index, cfg.eval_split, transform, **kw)
@@ -135,7 +139,8 @@ def evaluate(cfg: Config, *, data_from_model: bool = False) -> EvalResult:
     ``m3i evaluate`` sets it when the user gave no ``data.shards``.
 
     The model's own image size and normalisation are used (from the checkpoint's run config or
-    the export's ``config.json``), not ``data.image_size``. With ``evaluate.random_init`` the same
+    the export's ``config.json``), not ``data.image_size``. Feature extraction, kNN, the probe
+    and the fine-tune run on ``evaluate.device`` (``auto``: the GPU when there is one). With ``evaluate.random_init`` the same
     architecture at random init is scored too (``metrics["random_init"]``, see
     :func:`score_random_init`). When the model's training history is found (``history.jsonl`` in the
     run output of a checkpoint or in the export folder) its loss curves are drawn.
@@ -144,13 +149,17 @@ def evaluate(cfg: Config, *, data_from_model: bool = False) -> EvalResult:
         The :class:`EvalResult`; the files are under ``cfg.evaluate.out``.
 
     Raises:
-        ValueError: On a missing or unusable model, or a data set without labelled samples.
+        ValueError: On a missing or unusable model, a data set without labelled samples, or
+            ``evaluate.device=cuda`` where CUDA is not available.
         m3i.storage.StorageError: When storage fails after retries.
         RuntimeError: When a split reads fewer labelled samples than its index lists.
     """
     e = cfg.evaluate
     t0 = time.monotonic()
+    device = resolve_device(e.device)  # first: a cuda request without CUDA fails before any loading
+    log.info("device: %s (evaluate.device=%s)", device, e.device)
     encoder = load_encoder(e.model)
+    encoder.module.to(device)
     shards = _data_shards(cfg, encoder, data_from_model)
     index = read_split_index(shards)
     if index.num_classes < 2:

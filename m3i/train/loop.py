@@ -81,14 +81,10 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype | None) -> dict[str, Any]:
-    out = {}
-    for k, v in batch.items():
-        if isinstance(v, torch.Tensor):
-            v = v.to(device, non_blocking=True)
-            if dtype is not None and v.is_floating_point():
-                v = v.to(dtype)
-        out[k] = v
-    return out
+    """The loader's batch as model input: uint8 views normalised on ``device``, floats in ``dtype``."""
+    from m3i.data import to_device  # the one place images are normalised (ImageNet mean/std, as the transforms assume)
+
+    return to_device(batch, device, dtype)
 
 
 def _vit_facts(vit: torch.nn.Module) -> dict[str, Any]:

@@ -2,6 +2,9 @@
 
     transform = build_transform(cfg, train=True)
     item = transform(sample, generator)   # {"v1", "v2", "geom", "mask", "cls", "tokens", "has_txt"}
+
+Images come out as uint8 pixels; ``m3i.data.to_device(batch, device, dtype)`` normalises a
+collated batch on the device.
 """
 
 from m3i.transforms.geometry import CropBox, render_view, sample_crop, view_geometry
@@ -12,7 +15,7 @@ from m3i.transforms.pipeline import (
     EvalTransform,
     TwoViewTransform,
     build_transform,
-    to_tensor,
+    to_uint8,
 )
 
 __all__ = [
@@ -26,6 +29,6 @@ __all__ = [
     "num_masked",
     "render_view",
     "sample_crop",
-    "to_tensor",
+    "to_uint8",
     "view_geometry",
 ]

@@ -3,6 +3,11 @@
 A sample is ``{"image": PIL RGB, "cls": int (-1 unlabelled), "txt": str ("" uncaptioned),
 "source": str, "key": str}``; ``generator`` is seeded from (seed, epoch, key) by the
 loader and is the only source of randomness, so a resumed run sees the same views.
+
+Images leave the transforms as ``uint8`` ``[3, S, S]`` tensors: every augmentation works on
+PIL images, which hold 8-bit pixels after each operation, so these are exactly the augmented
+pixels. Normalisation (ImageNet mean and std) and the cast to the run's precision happen
+after the batch reaches its device, in :func:`m3i.data.to_device`.
 """
 
 from __future__ import annotations
@@ -14,24 +19,19 @@ import torch
 from PIL import Image
 
 from m3i.config import Config
+from m3i.data.device import IMAGENET_MEAN, IMAGENET_STD
 from m3i.text import build_tokenizer
 from m3i.transforms.color import ColorAugment
 from m3i.transforms.geometry import render_view, sample_crop, view_geometry
 from m3i.transforms.masking import block_mask, num_masked
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "TwoViewTransform", "EvalTransform", "build_transform", "to_tensor"]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-_MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-_STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "TwoViewTransform", "EvalTransform", "build_transform", "to_uint8"]
 
 
-def to_tensor(img: Image.Image) -> torch.Tensor:
-    """``FloatTensor[3, H, W]`` of an RGB image, normalised with the ImageNet mean and std."""
+def to_uint8(img: Image.Image) -> torch.Tensor:
+    """``ByteTensor[3, H, W]`` of an RGB image's pixels (normalised later by :func:`m3i.data.to_device`)."""
     arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
-    x = torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
-    return (x - _MEAN) / _STD
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 
 def _check_sizes(cfg: Config) -> None:
@@ -47,7 +47,8 @@ class TwoViewTransform:
 
     Returns a dict that ``default_collate`` batches:
 
-    - ``v1``, ``v2``: ``FloatTensor[3, S, S]``; v1 is the (masked / mixed) input, v2 the other view.
+    - ``v1``, ``v2``: ``ByteTensor[3, S, S]`` pixels; v1 is the (masked / mixed) input, v2 the other
+      view (normalised on the device by :func:`m3i.data.to_device`).
     - ``geom``: ``FloatTensor[5]``, v2 in v1's coordinates (see :mod:`m3i.transforms.geometry`).
     - ``mask``: ``BoolTensor[L]``, ``True`` on v1's masked patches (row-major).
     - ``cls``: ``LongTensor[]``, -1 when unlabelled.
@@ -84,7 +85,7 @@ class TwoViewTransform:
         box = sample_crop(gen, img.width, img.height, self.scale, self.ratio)
         flip = self.flip_prob > 0 and float(torch.rand((), generator=gen)) < self.flip_prob
         view = self.color[k](render_view(img, box, flip, self.size), gen)
-        return to_tensor(view), box, flip
+        return to_uint8(view), box, flip
 
     def __call__(self, sample: dict[str, Any], gen: torch.Generator) -> dict[str, torch.Tensor]:
         img = sample["image"]
@@ -105,9 +106,10 @@ class TwoViewTransform:
 
 
 class EvalTransform:
-    """Deterministic eval view: resize the short side to ``S / crop_pct``, centre-crop ``S``, normalise.
+    """Deterministic eval view: resize the short side to ``S / crop_pct``, centre-crop ``S``.
 
-    Returns ``{"image": FloatTensor[3, S, S], "cls": LongTensor[]}``; the generator is ignored.
+    Returns ``{"image": ByteTensor[3, S, S], "cls": LongTensor[]}`` (normalise with
+    :func:`m3i.data.to_device`); the generator is ignored.
 
     Args:
         cfg: The run config (``data.image_size``).
@@ -126,7 +128,7 @@ class EvalTransform:
         img = img.resize((nw, nh), Image.BICUBIC)
         left, top = (nw - self.size) // 2, (nh - self.size) // 2
         img = img.crop((left, top, left + self.size, top + self.size))
-        return {"image": to_tensor(img), "cls": torch.tensor(int(sample.get("cls", -1)), dtype=torch.long)}
+        return {"image": to_uint8(img), "cls": torch.tensor(int(sample.get("cls", -1)), dtype=torch.long)}
 
 
 def build_transform(cfg: Config, train: bool = True) -> TwoViewTransform | EvalTransform:
