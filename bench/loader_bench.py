@@ -5,7 +5,9 @@
     python bench/loader_bench.py --scale 2 --num-workers 0 2 4
 
 Both sides decode every image of the train split and apply the same
-``m3i.data.ImageTransform(image_size)``; a timed run is one epoch. The plain loop opens
+``m3i.data.ImageTransform(image_size)`` (uint8 crops), and both normalise every batch in this
+process with ``m3i.data.to_device(batch, "cpu")``, as training does on its device: a case
+ends with float32 batches in the main process. A timed run is one epoch. The plain loop opens
 the source files (PNG and JPEG) with PIL in this process. The loader reads the shards
 that ``m3i.shard.shard`` wrote, once from a local folder and once from
 ``s3://bucket/prefix`` on a moto S3 server on 127.0.0.1 that the benchmark starts.
@@ -43,7 +45,7 @@ from PIL import Image
 from torch.utils.data import default_collate
 
 from m3i.config import DataConfig, ShardConfig
-from m3i.data import ImageTransform, ShardLoader
+from m3i.data import ImageTransform, ShardLoader, to_device
 from m3i.demo import CLASSES
 from m3i.shard import shard
 
@@ -105,22 +107,27 @@ def plain_epoch(files: list[tuple[Path, int]], transform: ImageTransform, batch_
             image = img.convert("RGB")
         batch.append(transform({"image": image, "cls": cls}))
         if len(batch) == batch_size:
-            n += default_collate(batch)["image"].shape[0]
+            n += _normalised(default_collate(batch))
             batch = []
     if batch:
-        n += default_collate(batch)["image"].shape[0]
+        n += _normalised(default_collate(batch))
     return n
+
+
+def _normalised(batch: dict) -> int:
+    """Normalise a uint8 batch in this process as training does on its device; its image count."""
+    return to_device(batch, "cpu")["image"].shape[0]
 
 
 def _ceiling_child(cfg: DataConfig, transform: ImageTransform, threads: int, conn) -> None:
     """Body of a ceiling process: one 0-worker loader, an epoch per request from the parent."""
     torch.set_num_threads(max(1, threads))
     loader = ShardLoader(cfg, transform)
-    sum(batch["image"].shape[0] for batch in loader)  # warm-up, as every other case gets
+    sum(_normalised(batch) for batch in loader)  # warm-up, as every other case gets
     conn.send((0, 0.0))
     while conn.recv():
         c0 = time.process_time()
-        n = sum(batch["image"].shape[0] for batch in loader)
+        n = sum(_normalised(batch) for batch in loader)
         conn.send((n, time.process_time() - c0))
 
 
@@ -213,7 +220,7 @@ def run(args: argparse.Namespace, work: Path, s3: LoopbackS3 | None) -> None:
             loaders[(backend, nw)] = ShardLoader(cfg, transform)
 
             def epoch(i: int, key: tuple[str, int] = (backend, nw)) -> None:
-                counted[key] = sum(batch["image"].shape[0] for batch in loaders[key])
+                counted[key] = sum(_normalised(batch) for batch in loaders[key])
 
             runs[(backend, nw)] = epoch
     ceiling = None
