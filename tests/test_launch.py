@@ -380,7 +380,9 @@ def _dryrun(argv: list[str], capsys) -> dict:
 @pytest.mark.parametrize("how", [["--set", "launch.gpus_per_node=8"], ["--gpus-per-node", "8"]])
 def test_gpus_per_node_fills_every_gpu_of_every_kind(kind, how, capsys):
     """README's GPU line: 8 GPUs per pod run 8 ranks per pod, each told to train on CUDA."""
-    job = _dryrun(["--set", "launch.scheduler=kubernetes", "--set", f"launch.kind={kind}", *how], capsys)
+    # A GPU pool's pod size, so that the /dev/shm check (tests/test_shm.py) does not depend on the preset's loader.
+    pool = ["--set", "launch.memory=900Gi", "--set", "launch.shm_size=64Gi"]
+    job = _dryrun(["--set", "launch.scheduler=kubernetes", "--set", f"launch.kind={kind}", *how, *pool], capsys)
     if kind == "volcano":
         assert_valid(job, VOLCANO_CRD)
         (task,) = job["spec"]["tasks"]
