@@ -72,10 +72,18 @@ _SPECS: dict[str, tuple[str, str, tuple[str, ...], tuple[float, ...] | None]] = 
                              (), None),
     "m3i_train_samples_total": ("counter", "Samples this rank trained on.", (), None),
     "m3i_train_steps_total": ("counter", "Finished training steps, skipped ones included.", (), None),
-    "m3i_train_skipped_steps_total": ("counter", "Steps whose update was skipped for a NaN/inf loss or gradient.",
-                                      (), None),
+    "m3i_train_skipped_steps_total": ("counter", "Steps whose update was skipped for a NaN/inf loss.", (), None),
+    "m3i_train_overflow_steps_total": ("counter", "Optimizer steps DeepSpeed skipped for overflowing gradients and "
+                                       "retried (fp16 loss scaling: routine while the scale settles; inf/NaN "
+                                       "gradients in bf16).", (), None),
     "m3i_train_samples_per_second": ("gauge", "Samples per second of this rank since the previous recorded step.",
                                      (), None),
+    "m3i_train_model_flops_per_second": ("gauge", "Model FLOPs per second of this rank since the previous recorded "
+                                         "step (matmul, convolution and attention FLOPs torch counted on the first "
+                                         "micro-batch, forward and backward).", (), None),
+    "m3i_train_mfu_ratio": ("gauge", "Model FLOPs utilisation of this rank: m3i_train_model_flops_per_second over the "
+                            "device's dense peak for the run's precision (set only for GPUs in m3i.models.flops.PEAK_FLOPS).",
+                            (), None),
     "m3i_train_step_seconds": ("histogram", "Wall time of a training step, data wait included.", (),
                                _STEP_BUCKETS),
     "m3i_train_data_wait_seconds": ("histogram", "Time a step waited for its batch.", (), _WAIT_BUCKETS),
@@ -120,6 +128,7 @@ class TrainMetrics:
         run_id: str,
         world_size: int = 1,
         model: str = "",
+        peak_flops: float | None = None,
     ) -> None:
         """See :func:`build_metrics`."""
         if rank < 0 or local_rank < 0:
@@ -135,6 +144,7 @@ class TrainMetrics:
         self.rank = rank
         self.local_rank = local_rank
         self.run_id = run_id
+        self.peak_flops = peak_flops
         self.registry = CollectorRegistry(auto_describe=True)
         self._labels = {"rank": str(rank), "run_id": run_id}
         self._metrics: dict[str, Any] = {}
@@ -157,6 +167,7 @@ class TrainMetrics:
         self._data_seen: dict[str, int] = {}
         self._window_samples = 0
         self._window_seconds = 0.0
+        self._window_flops = 0.0
         self._lock = threading.Lock()
         self._server: Any = None
         self._thread: threading.Thread | None = None
@@ -253,6 +264,7 @@ class TrainMetrics:
         ema_momentum: float | None = None,
         temperature: float | None = None,
         target_std: float | None = None,
+        flops: float = 0.0,
     ) -> None:
         """Record a finished step.
 
@@ -275,6 +287,8 @@ class TrainMetrics:
             ema_momentum: EMA momentum of the target encoder.
             temperature: Temperature of the image-text loss.
             target_std: Std of the target features (a collapse detector).
+            flops: Model FLOPs this rank did in the step (``m3i.models.flops``); with ``peak_flops``
+                they give ``m3i_train_mfu_ratio``. 0 leaves both FLOP gauges unset.
         """
         self._m("m3i_train_steps_total").inc()
         if samples:
@@ -287,10 +301,11 @@ class TrainMetrics:
         with self._lock:
             self._window_samples += samples
             self._window_seconds += max(step_seconds, 0.0)
+            self._window_flops += max(float(flops), 0.0)
             record = self.should_record(step)
             if record:
-                window_samples, window_seconds = self._window_samples, self._window_seconds
-                self._window_samples, self._window_seconds = 0, 0.0
+                window_samples, window_seconds, window_flops = self._window_samples, self._window_seconds, self._window_flops
+                self._window_samples, self._window_seconds, self._window_flops = 0, 0.0, 0.0
         if record:
             for key, value in parts.items():
                 if key.startswith("loss"):
@@ -304,13 +319,22 @@ class TrainMetrics:
                     self._m(f"m3i_train_{key}").set(float(value))
             if window_seconds > 0:
                 self._m("m3i_train_samples_per_second").set(window_samples / window_seconds)
+                if window_flops > 0:
+                    rate = window_flops / window_seconds
+                    self._m("m3i_train_model_flops_per_second").set(rate)
+                    if self.peak_flops:
+                        self._m("m3i_train_mfu_ratio").set(rate / self.peak_flops)
             self._record_gpu_memory()
         self._m("m3i_train_step").set(step)
         self._m("m3i_train_last_step_timestamp_seconds").set(time.time())
 
     def on_skipped_step(self) -> None:
-        """Count a step whose update was skipped (NaN/inf); call it besides :meth:`on_step`."""
+        """Count a step whose update was skipped for a NaN/inf loss."""
         self._m("m3i_train_skipped_steps_total").inc()
+
+    def on_overflow_step(self) -> None:
+        """Count an optimizer step DeepSpeed skipped for overflowing gradients (the loop retries it)."""
+        self._m("m3i_train_overflow_steps_total").inc()
 
     def on_checkpoint(self, seconds: float, ok: bool) -> None:
         """Record a checkpoint save that took ``seconds``; ``ok=False`` counts a failure."""
@@ -401,6 +425,7 @@ def build_metrics(
     *,
     world_size: int = 1,
     model: str = "",
+    peak_flops: float | None = None,
 ) -> TrainMetrics:
     """Build a rank's metrics and start its ``/metrics`` endpoint (unless ``cfg.port`` is 0).
 
@@ -413,6 +438,8 @@ def build_metrics(
         run_id: Id of the run (label ``run_id``, and the Pushgateway grouping key).
         world_size: Number of ranks (label of ``m3i_train_info``).
         model: Model name (label of ``m3i_train_info``).
+        peak_flops: Dense peak FLOP/s of the rank's device for the run's precision
+            (:func:`m3i.models.flops.peak_flops`); ``None`` leaves ``m3i_train_mfu_ratio`` unset.
 
     Returns:
         The rank's :class:`TrainMetrics`; close it at the end of training.
@@ -421,4 +448,4 @@ def build_metrics(
         ValueError: On a negative rank, an empty ``run_id`` or ``port + local_rank`` above 65535.
         OSError: When the endpoint's port cannot be bound (the message names the port).
     """
-    return TrainMetrics(cfg, rank=rank, local_rank=local_rank, run_id=run_id, world_size=world_size, model=model)
+    return TrainMetrics(cfg, rank=rank, local_rank=local_rank, run_id=run_id, world_size=world_size, model=model, peak_flops=peak_flops)

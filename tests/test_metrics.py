@@ -113,11 +113,13 @@ def test_build_rejects_bad_rank_args():
 
 
 def test_endpoint_serves_labelled_values():
-    with build_metrics(local_cfg(), rank=3, local_rank=0, run_id=RUN, world_size=4, model="vit_tiny") as m:
+    with build_metrics(local_cfg(), rank=3, local_rank=0, run_id=RUN, world_size=4, model="vit_tiny", peak_flops=1e12) as m:
         step(m, 1, loss=2.0, branch_samples={"img": 8, "cls": 4}, ema_momentum=0.99, temperature=0.07)
         step(m, 2, loss=1.0, branch_samples={"img": 8, "txt": 4}, secs=2.0,
-             parts={"loss": 1.0, "loss_img": 0.5, "target_std": 0.3, "acc": 0.9})
+             parts={"loss": 1.0, "loss_img": 0.5, "target_std": 0.3, "acc": 0.9}, flops=5e11)
         m.on_skipped_step()
+        m.on_overflow_step()
+        m.on_overflow_step()
         m.on_checkpoint(3.0, ok=True)
         m.on_checkpoint(1.0, ok=False)
         s = scrape(m)
@@ -135,6 +137,9 @@ def test_endpoint_serves_labelled_values():
     assert value(s, "m3i_train_samples_total", **lab) == 16
     assert value(s, "m3i_train_skipped_steps_total", **lab) == 1
     assert value(s, "m3i_train_samples_per_second", **lab) == 4.0  # 8 samples in 2 s
+    assert value(s, "m3i_train_overflow_steps_total", **lab) == 2
+    assert value(s, "m3i_train_model_flops_per_second", **lab) == 2.5e11  # 5e11 FLOPs in 2 s
+    assert value(s, "m3i_train_mfu_ratio", **lab) == 0.25  # of a 1e12 FLOP/s peak
     assert value(s, "m3i_train_step_seconds_count", **lab) == 2
     assert value(s, "m3i_train_step_seconds_sum", **lab) == 2.5
     assert value(s, "m3i_train_step_seconds_bucket", **lab, le="0.5") == 1

@@ -76,7 +76,7 @@ class TrainConfig:
     fragmentation during backward (DeepSpeed ``zero_optimization.contiguous_gradients``)."""
 
     reduce_bucket_size: int = 500_000_000
-    """ZeRO 1-3 (and ZeRO 0's all-reduce): elements reduced at once (DeepSpeed
+    """ZeRO 1-3: gradient elements reduced at once (DeepSpeed
     ``zero_optimization.reduce_bucket_size``). Smaller buckets start communicating earlier in
     backward (more overlap), larger ones use the network better. DeepSpeed's default 5e8 is larger
     than a ViT-B: the default preset uses 5e7."""

@@ -14,7 +14,16 @@ from torch import nn
 
 from m3i.config import Config
 
-__all__ = ["SHM_COMM_OP", "avoid_jit_ops", "deepspeed_config", "param_groups", "lr_lambda", "peak_lr", "build_engine"]
+__all__ = [
+    "SHM_COMM_OP",
+    "avoid_jit_ops",
+    "build_engine",
+    "configure_float32_matmuls",
+    "deepspeed_config",
+    "lr_lambda",
+    "param_groups",
+    "peak_lr",
+]
 
 SHM_COMM_OP = "deepspeed_shm_comm"
 """DeepSpeed's shared-memory collectives op (``ShareMemCommBuilder``) on its CPU accelerator."""
@@ -81,6 +90,30 @@ def avoid_jit_ops() -> None:
 avoid_jit_ops()
 
 
+def configure_float32_matmuls(cfg: Config, device: torch.device) -> bool:
+    """Let float32 matmuls and convolutions use TF32 on CUDA as ``train.allow_tf32`` says.
+
+    In a bf16 run the float32 work is what is left outside the weights' dtype (UniGrad's
+    covariance, the InfoNCE logits, the EMA master update); in an ``fp32`` run it is everything.
+    TF32 keeps float32's range with a 10-bit mantissa, the precision bf16 runs already accept.
+    Process-wide and set once at start; on the CPU nothing is changed.
+
+    Args:
+        cfg: The run config (``train.allow_tf32``).
+        device: The rank's device.
+
+    Returns:
+        Whether TF32 is now allowed (always ``False`` on the CPU).
+    """
+    if device.type != "cuda":
+        return False
+    # The allow_tf32 flags, not the newer fp32_precision ones: torch refuses to report the matmul
+    # precision once both APIs were used in a process, and inductor and other libraries still read these.
+    torch.backends.cuda.matmul.allow_tf32 = cfg.train.allow_tf32
+    torch.backends.cudnn.allow_tf32 = cfg.train.allow_tf32
+    return cfg.train.allow_tf32
+
+
 def peak_lr(cfg: Config, world_size: int) -> float:
     """``train.lr`` scaled linearly from a global batch of 256 to the real one."""
     global_batch = cfg.data.batch_size * cfg.train.grad_accum * world_size
@@ -125,6 +158,11 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     if t.zero_stage in (1, 2):
         # Lets ZeRO-1/2 optimizer shards load into another data-parallel size (resume 2 -> 1 ranks).
         zero["elastic_checkpoint"] = True
+        zero["allgather_bucket_size"] = t.allgather_bucket_size
+        zero["overlap_comm"] = t.overlap_comm  # ZeRO-3 overlaps by itself (DeepSpeed's default there)
+    if t.zero_stage:
+        zero["contiguous_gradients"] = t.contiguous_gradients
+        zero["reduce_bucket_size"] = t.reduce_bucket_size
     return {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": t.grad_accum,
@@ -133,6 +171,9 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
         "zero_optimization": zero,
         # A client torch AdamW: DeepSpeed's own Adam would JIT-compile fused kernels.
         "zero_allow_untested_optimizer": True,
+        # DeepSpeed's own mixed precision: low-precision weights, float32 masters in the optimizer.
+        # The model is dtype-clean (m3i.models.m3i), so no torch autocast is used or configured:
+        # DeepSpeed would turn an outer CUDA autocast off inside the engine anyway.
         "bf16": {"enabled": t.precision == "bf16"},
         "fp16": {"enabled": t.precision == "fp16", "initial_scale_power": 16, "loss_scale_window": 500},
         "steps_per_print": 10**12,

@@ -10,26 +10,29 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
-import signal
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from m3i import __version__
 from m3i.config import Config, to_dict
 from m3i.data import ShardLoader
 from m3i.models import build_model, ema_momentum
+from m3i.models.flops import StepFlopCounter, peak_flops
 from m3i.revision import code_revision
 from m3i.storage import StorageError, open_store
 from m3i.train.checkpoint import Checkpointer
 from m3i.train.dist import DistInfo, all_ok, init_distributed
 from m3i.train.ema import EMAUpdater
-from m3i.train.engine import build_engine, peak_lr
+from m3i.train.engine import build_engine, configure_float32_matmuls, peak_lr
 from m3i.train.history import History
+from m3i.train.preemption import SigTerm
 from m3i.train.progress import build_trainer_status
 from m3i.transforms import build_transform
 
@@ -59,6 +62,9 @@ class TrainSummary:
     last_parts: dict[str, float] = field(default_factory=dict)
     checkpoint: str | None = None
     data_stats: dict[str, int] = field(default_factory=dict)
+    overflow_steps: int = 0
+    """Optimizer steps DeepSpeed skipped for overflowing gradients (fp16 loss scaling; bf16 on inf/NaN
+    gradients): retried with the next batch, not counted in ``steps``."""
 
 
 def run_id_of(cfg: Config) -> str:
@@ -195,19 +201,25 @@ def _flush_quietly(history: History) -> None:
         log.error("history: could not write %d pending rows: %s", history.pending, e)
 
 
-class _SigTerm:
-    """Turns SIGTERM into a flag the loop checks between steps."""
+def _sync_micro_batch(loss: torch.Tensor, parts: dict[str, torch.Tensor] | None, sigterm: bool) -> tuple[bool, bool, dict[str, float]]:
+    """The one host sync of a micro-batch: whether ``loss`` is finite and no SIGTERM arrived, on every
+    rank, and (when ``parts`` is given) this rank's parts as floats.
 
-    def __init__(self) -> None:
-        self.received = False
-        self._old = signal.signal(signal.SIGTERM, self._handle)
+    One device tensor ``[finite, no SIGTERM, *parts]``: its first two entries are MIN-reduced across
+    ranks on the device, then the whole tensor reaches the host in one copy.
 
-    def _handle(self, signum, frame) -> None:
-        self.received = True
-        log.warning("SIGTERM: saving a checkpoint at the next step boundary")
-
-    def restore(self) -> None:
-        signal.signal(signal.SIGTERM, self._old)
+    Returns:
+        ``(finite everywhere, no SIGTERM anywhere, parts as floats or {})``.
+    """
+    flags = torch.stack([torch.isfinite(loss.detach()).all(), loss.new_tensor(not sigterm, dtype=torch.bool)]).float()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if flags.is_cuda and dist.get_backend() != "nccl":
+            flags = flags.cpu()  # gloo on a CUDA run: one more copy
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    names = list(parts or ())
+    packed = torch.cat([flags, torch.stack([parts[k].detach().float().reshape(()).to(flags.device) for k in names])]) if names else flags
+    host = packed.tolist()
+    return host[0] > 0, host[1] > 0, dict(zip(names, host[2:]))
 
 
 def train(cfg: Config, info: DistInfo | None = None, progress: bool = True) -> TrainSummary:
@@ -239,6 +251,7 @@ def train(cfg: Config, info: DistInfo | None = None, progress: bool = True) -> T
     t_start = time.monotonic()
     info = info or init_distributed(cfg.train.backend)
     run_id = run_id_of(cfg)
+    configure_float32_matmuls(cfg, info.device)
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
@@ -257,7 +270,8 @@ def train(cfg: Config, info: DistInfo | None = None, progress: bool = True) -> T
     module = engine.module
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
     ema = EMAUpdater(module, zero3=cfg.train.zero_stage == 3, fp32_master=dtype is not None)
-    metrics = build_metrics(cfg.metrics, info.rank, info.local_rank, run_id, world_size=info.world_size, model=cfg.model.backbone)
+    peak = peak_flops(torch.cuda.get_device_name(info.device), cfg.train.precision, cfg.train.allow_tf32) if info.device.type == "cuda" else None
+    metrics = build_metrics(cfg.metrics, info.rank, info.local_rank, run_id, world_size=info.world_size, model=cfg.model.backbone, peak_flops=peak)
 
     step, resumed_from = 0, None
     last_ckpt = None
@@ -289,6 +303,7 @@ def train(cfg: Config, info: DistInfo | None = None, progress: bool = True) -> T
         checkpoint the latest and is retried at the next interval; ``final`` saves (the end,
         SIGTERM) and the ``checkpoint.max_consecutive_failures``-th failure in a row raise.
         """
+        nonlocal last_save_seconds
         t0 = time.monotonic()
         try:
             _flush_before_checkpoint(history, at)
@@ -306,29 +321,53 @@ def train(cfg: Config, info: DistInfo | None = None, progress: bool = True) -> T
                 )
             return None
         metrics.on_checkpoint(seconds, True)
+        last_save_seconds = time.monotonic() - t0
         if info.is_main:
             log.info("checkpoint step %d saved in %.1fs", at, seconds)
         return ckpt.uri_of(at)
 
+    def preempted() -> Preempted:
+        """Save ``step`` for SIGTERM (unless it is saved already) within the grace period as far as it can tell."""
+        nonlocal last_ckpt
+        if ckpt.last_saved_step != step:
+            if info.is_main:
+                sigterm.before_save(step, last_save_seconds)
+            t0 = time.monotonic()
+            last_ckpt = save(step, final=True)
+            if info.is_main:
+                sigterm.after_save(step, time.monotonic() - t0)
+        return Preempted(f"SIGTERM at step {step}; checkpoint {last_ckpt} is complete")
+
     trainer_status = build_trainer_status(cfg.metrics, info.is_main)  # None outside a Kubeflow TrainJob
-    sigterm = _SigTerm()
+    last_save_seconds: float | None = None  # of the last successful save, for the SIGTERM deadline
+    sigterm = SigTerm()
     bar = tqdm(total=cfg.train.steps, initial=step, desc="train", unit="step", disable=not (progress and info.is_main))
-    samples = skipped = bad_streak = micro = 0
+    samples = skipped = overflows = bad_streak = micro = 0
     last: dict[str, float] = {}
     global_samples = cfg.data.batch_size * info.world_size
+    micro_flops: int | None = None  # model FLOPs of one micro-batch on this rank, counted on the first one
+    t_first = wait = 0.0  # start of the step's first micro-batch; data wait summed over its micro-batches
     try:
         while step < cfg.train.steps:
             t_wait = time.monotonic()
             for batch in loader:
                 t0 = time.monotonic()
-                wait = t0 - t_wait
+                if micro % cfg.train.grad_accum == 0:
+                    t_first, wait = t0, 0.0
+                wait += t0 - t_wait
                 batch = _to_device(batch, info.device, dtype)
-                # Autocast as well: the model builds some tensors (position features,
-                # masks) in float32 inside forward, next to bf16/fp16 weights.
-                with torch.autocast(info.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                boundary = (micro + 1) % cfg.train.grad_accum == 0
+                counter = StepFlopCounter() if micro_flops is None else nullcontext()
+                with counter:
+                    # No autocast, on CPU and CUDA alike: DeepSpeed's bf16/fp16 engine holds the weights in
+                    # that dtype and the model casts its own inputs (on CUDA DeepSpeed would turn an outer
+                    # autocast off inside the engine anyway). The loss statistics are float32 by themselves.
                     parts = engine(batch)
-                loss = parts["loss"]
-                if not all_ok(bool(torch.isfinite(loss.detach()).all())):
+                    loss = parts["loss"]
+                    finite, no_sigterm, host = _sync_micro_batch(loss, parts if boundary else None, sigterm.received)
+                    if finite:
+                        engine.backward(loss)
+                if not finite:
                     skipped += 1
                     bad_streak += 1
                     metrics.on_skipped_step()
@@ -341,22 +380,34 @@ def train(cfg: Config, info: DistInfo | None = None, progress: bool = True) -> T
                         )
                     t_wait = time.monotonic()
                     continue
+                if micro_flops is None:
+                    micro_flops = counter.total
                 bad_streak = 0
-                engine.backward(loss)
                 lr = scheduler.get_last_lr()[0]  # the rate this optimizer step applies; engine.step() moves the schedule on
                 engine.step()
                 micro += 1
                 samples += global_samples
-                if micro % cfg.train.grad_accum:
+                if not boundary:
+                    t_wait = time.monotonic()
+                    continue
+                if not engine.was_step_applied():
+                    # DeepSpeed skipped the update (fp16 overflow, or inf/NaN gradients in bf16) and held its
+                    # schedule; the step count and the EMA hold with it, and the next batch retries the step.
+                    overflows += 1
+                    metrics.on_overflow_step()
+                    if info.is_main:
+                        log.warning("step %d: gradients overflowed; DeepSpeed skipped the update (%d so far)", step + 1, overflows)
+                    if not no_sigterm:
+                        raise preempted()
                     t_wait = time.monotonic()
                     continue
                 step += 1
                 m = ema_momentum(step, cfg.train.steps, cfg.model.ema_m0)
                 ema.step(m)
-                last = {k: float(v.detach()) for k, v in parts.items()}
+                last = host
                 branches = {b: int(last.get(f"n_{b}", 0)) * cfg.train.grad_accum for b in ("img", "cls", "txt")}
-                seconds = time.monotonic() - t0
-                metrics.on_step(step, last, lr, global_samples * cfg.train.grad_accum, seconds, wait, branch_samples=branches)
+                seconds = time.monotonic() - t_first
+                metrics.on_step(step, last, lr, global_samples * cfg.train.grad_accum, seconds, wait, branch_samples=branches, flops=micro_flops * cfg.train.grad_accum)
                 if history is not None:
                     history.append({"step": step, "time": time.time(), "lr": lr, **last, "step_seconds": seconds, "data_wait_seconds": wait})
                     history.flush_if_due()
@@ -368,9 +419,8 @@ def train(cfg: Config, info: DistInfo | None = None, progress: bool = True) -> T
                     bar.set_postfix(loss=f"{last['loss']:.4f}", img=f"{last['loss_img']:.3f}", cls=f"{last['loss_cls']:.3f}", txt=f"{last['loss_txt']:.3f}")
                     if not progress:
                         log.info("step %d/%d loss %.4f (img %.4f cls %.4f txt %.4f) lr %.2e", step, cfg.train.steps, last["loss"], last["loss_img"], last["loss_cls"], last["loss_txt"], lr)
-                if not all_ok(not sigterm.received):
-                    last_ckpt = save(step, final=True)
-                    raise Preempted(f"SIGTERM at step {step}; checkpoint {last_ckpt} is complete")
+                if not no_sigterm:
+                    raise preempted()
                 if ckpt.due(step) or step == cfg.train.steps:
                     last_ckpt = save(step, final=step >= cfg.train.steps) or last_ckpt
                 if step >= cfg.train.steps:
@@ -386,9 +436,9 @@ def train(cfg: Config, info: DistInfo | None = None, progress: bool = True) -> T
         if history is not None and history.pending:  # only after a failure: every save flushed before it
             _flush_quietly(history)
 
-    summary = TrainSummary(run_id, step, resumed_from, samples, time.monotonic() - t_start, skipped, last, last_ckpt, loader.stats())
+    summary = TrainSummary(run_id, step, resumed_from, samples, time.monotonic() - t_start, skipped, last, last_ckpt, loader.stats(), overflows)
     if info.is_main:
         open_store(cfg.train.output).write_json("summary.json", summary.__dict__ | {"peak_lr": peak_lr(cfg, info.world_size), "world_size": info.world_size})
-        metrics.push_summary({"steps": step, "samples": samples, "seconds": summary.seconds, "skipped_steps": skipped, **{k: v for k, v in last.items() if k.startswith("loss")}})
+        metrics.push_summary({"steps": step, "samples": samples, "seconds": summary.seconds, "skipped_steps": skipped, "overflow_steps": overflows, **{k: v for k, v in last.items() if k.startswith("loss")}})
     metrics.close()
     return summary
