@@ -1,7 +1,7 @@
 """The ``m3i`` command line: one subcommand per stage.
 
     m3i demo-data [--out DIR]                  built-in demo images, offline
-    m3i shard     [--preset P] [--config F] [--set shard.k=v] [--labelled DIR ...] [--webdataset PATTERN ...]
+    m3i shard     [--preset P] [--config F] [--set shard.k=v] [--labelled DIR ...] [--webdataset PATTERN ...] [--verify]
     m3i train     [--preset P] [--config F] [--set train.k=v]   (one rank; torchrun for more)
     m3i export    [--preset P] [--config F] [--set export.k=v] [--checkpoint URI] [--out URI]
     m3i evaluate  [--preset P] [--config F] [--set evaluate.k=v] [--model URI] [--out URI]
@@ -74,10 +74,31 @@ def cmd_shard(args: argparse.Namespace) -> int:
         *([f"shard.out={args.out}"] if args.out else []),
         *([f"shard.eval_fraction={args.eval_fraction}"] if args.eval_fraction is not None else []),
     ]
+    if args.verify:
+        if any(given.values()) or args.eval_fraction is not None:
+            raise ValueError("shard --verify checks the data set at shard.out against its index; it takes no inputs")
+        return _verify_shards(_load(args, extra).shard.out)
     cfg = _load(args, extra)
     index = shard(cfg.shard, progress=not args.quiet)
     _print_index(index)
     return 0
+
+
+def _verify_shards(out: str) -> int:
+    """``m3i shard --verify``: every shard the index lists, by size and streamed sha256; 1 on damage."""
+    from m3i.shard import verify
+
+    v = verify(out)
+    if v.error is not None:
+        print(f"m3i shard --verify: {v.error}", file=sys.stderr)
+        return 1
+    for key, problem in v.damaged:
+        print(f"  damaged: {key}: {problem}")
+    for key in v.unlisted:
+        print(f"  not listed (the replaced index's, kept one publish, or a failed run's): {key}")
+    verdict = "ok" if v.ok else f"DAMAGED: {len(v.damaged)} of {v.shards} shards; re-run the same `m3i shard` to repair"
+    print(f"data set {v.uri}: {v.shards} shards checked, {v.bytes / 1e6:.1f} MB hashed, {len(v.unlisted)} not listed: {verdict}")
+    return 0 if v.ok else 1
 
 
 def _print_index(index) -> None:
@@ -90,6 +111,8 @@ def _print_index(index) -> None:
     print(f"  bad inputs skipped: {raw['bad']['count']}")
     if run:
         print(f"  units written {run['units_written']}, reused {run['units_reused']}, {run['seconds']:.1f}s")
+        if run.get("shards_repaired"):
+            print(f"  damaged shards written again: {', '.join(run['shards_repaired'])}")
 
 
 class _Tee:
@@ -284,6 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="existing WebDataset tars, local or s3://, brace patterns like 'data-{00000..00099}.tar' (repeatable)",
     )
     p.add_argument("--eval-fraction", type=float, help="fraction of each labelled class held out (shard.eval_fraction)")
+    p.add_argument(
+        "--verify", action="store_true",
+        help="check the data set at shard.out against its index (each shard's size and sha256) instead; exit 1 on damage",
+    )
     p.set_defaults(func=cmd_shard)
 
     p = sub.add_parser("train", help="M3I pre-training, one rank (run under torchrun or `m3i launch` for more)")

@@ -136,7 +136,9 @@ def test_caption_paths_outside_the_caption_folder_are_not_read(demo, tmp_path):
     allowed = shard(
         ShardConfig(out=str(tmp_path / "o2"), captions=(str(caps),), max_bad_fraction=0.9, allow_outside_paths=True), progress=False
     )
-    assert allowed.raw["totals"]["sources"] == {"captioned": 3}
+    # img/link-out.jpg leads to the file ../outside/x.jpg names: one sample, the second row listed.
+    assert allowed.raw["totals"]["sources"] == {"captioned": 3 - 1}
+    assert {b["id"]: b["reason"] for b in allowed.raw["bad"]["items"]}["caps.jsonl:4"] == "line 4 names the same file as line 2"
 
 
 def test_bad_symlinks_are_skipped_and_listed_not_fatal(demo, tmp_path):

@@ -63,6 +63,10 @@ class ShardConfig:
     max_bad_fraction: float = 0.01
     """Fail the run when more than this fraction of inputs is unreadable or malformed."""
 
+    max_input_bytes: int = 256 * 1024 * 1024
+    """Largest input read: an image file or tar member larger than this (by its size on disk or the size its
+    tar header declares) is a bad input, refused before a byte of it is read."""
+
     seed: int = 0
     """Seed of the eval split and of the order in which inputs are sharded."""
 
@@ -78,6 +82,7 @@ class ShardConfig:
         check_range(s, "jpeg_quality", self.jpeg_quality, 1, 100)
         check_range(s, "workers", self.workers, 0, 1024)
         check_range(s, "max_bad_fraction", self.max_bad_fraction, 0.0, 1.0)
+        check_range(s, "max_input_bytes", self.max_input_bytes, 1024, 2**40)
         check_range(s, "lock_stale_seconds", self.lock_stale_seconds, 30, MAX_COUNT)
 
 

@@ -14,8 +14,13 @@ units of ``max_samples_per_shard``; the samples of each WebDataset tar input for
 their own (one pass over the tar). A unit is split into parts of at most
 ``max_samples_per_shard`` samples and ``max_bytes_per_shard`` bytes. Each unit is encoded by
 a worker process (by this one for ``workers=1``), uploaded, and recorded in ``_progress/``; a
-re-run skips every unit whose record matches the plan and whose shards are still there with the
-recorded checksum.
+re-run skips every unit whose record matches the plan and whose shards' bytes still hash to the
+recorded sha256 (read and hashed as a stream, not taken from the store's metadata); a unit with a
+damaged shard is written again and the shard replaced (``run.shards_repaired``).
+:func:`m3i.shard.verify.verify` (``m3i shard --verify``) checks a published data set the same way.
+
+Inputs are read only when they are regular files no larger than ``shard.max_input_bytes``
+(:mod:`m3i.shard.files`); everything else, and every odd name or caption, is one bad input.
 
 Publishing never damages a published data set: a shard's name carries its checksum, so a run
 never overwrites a shard with other bytes; the index is written last, and only then are shards
@@ -31,27 +36,29 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict
-from typing import Any, Iterator
+from typing import Any
 
 from tqdm import tqdm
 
 from m3i import __version__
 from m3i.config import ShardConfig, to_dict
-from m3i.shard.encode import EncodeOptions, SampleTarWriter, encode_sample, refuse_bombs, tar_bytes
-from m3i.shard.tars import read_members
+from m3i.shard.encode import EncodeOptions
 from m3i.shard.index import FORMAT, FORMAT_VERSION, INDEX_KEY, ShardIndex, ShardInfo, read_index
 from m3i.shard.lock import OutputLock, OutputLocked
-from m3i.shard.sources import BadInput, InputItem, discover
+from m3i.shard.sources import InputItem, discover
+from m3i.shard.verify import Verification, shard_problem, verify
+from m3i.shard.files import naming
+from m3i.shard.writer import PROGRESS, write_unit
 from m3i.storage import Store, StorageError, open_store
 
-__all__ = ["shard", "ShardError", "ShardIndex", "ShardInfo", "OutputLocked", "read_index", "INDEX_KEY"]
+__all__ = [
+    "shard", "verify", "Verification", "ShardError", "ShardIndex", "ShardInfo", "OutputLocked", "read_index", "INDEX_KEY",
+]
 
 log = logging.getLogger(__name__)
-PROGRESS = "_progress"
 
 
 class ShardError(RuntimeError):
@@ -90,118 +97,29 @@ def _unit_hash(cfg_hash: str, items: list[InputItem]) -> str:
     return h.hexdigest()
 
 
-def _unit_done(store: Store, split: str, unit: int, unit_hash: str) -> dict | None:
-    """The unit's record if it matches the plan and all its shards verify, else None."""
+def _unit_done(store: Store, split: str, unit: int, unit_hash: str, damaged: list[str]) -> dict | None:
+    """The unit's record if it matches the plan and all its shards verify by their bytes, else None.
+
+    A listed shard whose bytes no longer match its sha256 (or that is gone) is appended to ``damaged``
+    and the unit is redone, so the index about to be published never lists it as it is.
+    """
     key = f"{PROGRESS}/{split}-{unit:05d}.json"
     if not store.exists(key):
         return None
     try:
         rec = store.read_json(key)
-    except Exception:  # noqa: BLE001 - an unreadable record just means: redo the unit
-        return None
-    if rec.get("unit_hash") != unit_hash:
-        return None
-    for s in rec["shards"]:
-        info = store.stat(s["key"])
-        if info is None or info.size != s["bytes"] or store.sha256(s["key"]) != s["sha256"]:
+        if rec.get("unit_hash") != unit_hash:
             return None
-    return rec
-
-
-def _raw_inputs(items: list[InputItem]) -> Iterator[tuple[InputItem, bytes | None | OSError]]:
-    """Each item with its bytes: ``None`` for a file (the encoder reads it), bytes or an error for a tar member."""
-    tar_items = [it for it in items if it.member is not None]
-    for it in items:
-        if it.member is None:
-            yield it, None
-    by_url: dict[str, dict[str, InputItem]] = {}
-    for it in tar_items:
-        by_url.setdefault(it.path, {})[it.member] = it
-    for url, wanted in by_url.items():
-        seen = set()
-        try:
-            for name, data in read_members(url, set(wanted)):
-                seen.add(name)
-                yield wanted[name], data
-        except (StorageError, OSError, ValueError) as e:
-            err = OSError(f"tar unreadable: {type(e).__name__}")
-            for name, it in wanted.items():
-                if name not in seen:
-                    seen.add(name)
-                    yield it, err
-        for name, it in wanted.items():
-            if name not in seen:
-                yield it, OSError("missing from the tar (it ends early)")
-
-
-class _PartWriter:
-    """Writes one unit's samples into tar parts of bounded samples and bytes, each uploaded when full."""
-
-    def __init__(self, store: Store, split: str, unit: int, tmp: str, max_samples: int, max_bytes: int) -> None:
-        self.store, self.split, self.unit, self.tmp = store, split, unit, tmp
-        self.max_samples, self.max_bytes = max_samples, max_bytes
-        self.shards: list[dict[str, Any]] = []
-        self._open()
-
-    def _open(self) -> None:
-        self.path = os.path.join(self.tmp, f"part-{len(self.shards)}.tar")
-        self.file = open(self.path, "wb", buffering=1 << 20)
-        # The tar is a pure function of its samples (mtime 0); its sha256 is taken as it is written.
-        self.writer = SampleTarWriter(self.file)
-        self.samples, self.nbytes, self.counts = 0, 0, {}
-
-    def write(self, sample: dict[str, Any], source: str) -> None:
-        size = tar_bytes(sample)
-        # 1024: the two zero blocks that end a tar archive.
-        if self.samples and (self.samples >= self.max_samples or self.nbytes + size + 1024 > self.max_bytes):
-            self._finish()
-            self._open()
-        self.writer.write(sample)
-        self.samples += 1
-        self.nbytes += size
-        self.counts[source] = self.counts.get(source, 0) + 1
-
-    def _finish(self) -> None:
-        sha = self.writer.close()
-        nbytes = self.writer.size
-        self.file.close()
-        if not self.samples:
-            return
-        # The checksum in the name: a run never replaces a shard some index lists with other bytes.
-        key = f"{self.split}/{self.split}-{self.unit:05d}-{len(self.shards):02d}-{sha[:12]}.tar"
-        info = self.store.stat(key)
-        if info is None or info.size != nbytes or (info.metadata or {}).get("sha256") != sha:
-            self.store.put_file(key, self.path, {"sha256": sha})
-        os.remove(self.path)
-        self.shards.append({"key": key, "samples": self.samples, "bytes": nbytes, "sha256": sha, "sources": self.counts})
-
-    def close(self) -> list[dict[str, Any]]:
-        self._finish()
-        return self.shards
-
-
-def _write_unit(
-    out_uri: str, split: str, unit: int, unit_hash: str, items: list[InputItem], classes: list[str], opts: EncodeOptions,
-    max_samples: int, max_bytes: int,
-) -> dict:
-    """Encode, write and upload one unit; runs in a worker process (in the calling one for a single worker)."""
-    store = open_store(out_uri)
-    class_index = {c: i for i, c in enumerate(classes)}
-    bad = []
-    with tempfile.TemporaryDirectory(prefix="m3i-shard-") as tmp, refuse_bombs():
-        parts = _PartWriter(store, split, unit, tmp, max_samples, max_bytes)
-        for it, raw in _raw_inputs(items):
-            try:
-                if isinstance(raw, OSError):
-                    raise raw
-                sample = encode_sample(it, class_index, opts, raw, bombs_refused=True)
-            except OSError as e:
-                bad.append(asdict(BadInput(it.source, it.id, str(e))))
-                continue
-            parts.write(sample, it.source)
-        shards = parts.close()
-    rec = {"unit_hash": unit_hash, "split": split, "unit": unit, "shards": shards, "bad": bad}
-    store.write_json(f"{PROGRESS}/{split}-{unit:05d}.json", rec)
+        shards = [(s["key"], s["bytes"], s["sha256"]) for s in rec["shards"]]
+    except Exception:  # noqa: BLE001 - an unreadable or malformed record just means: redo the unit
+        return None
+    for k, nbytes, sha in shards:
+        # Streamed: the checksum beside a shard (or in S3 metadata) says what was written, not what is there.
+        problem = shard_problem(store, k, nbytes, sha)
+        if problem is not None:
+            log.warning("shard: %s is damaged (%s); its unit is written again", store.url(k), problem)
+            damaged.append(k)
+            return None
     return rec
 
 
@@ -252,21 +170,22 @@ def shard(cfg: ShardConfig, *, progress: bool = True) -> ShardIndex:
 def _shard_locked(cfg: ShardConfig, store: Store, lock: OutputLock, progress: bool, t0: float) -> ShardIndex:
     found = discover(
         cfg.labelled, cfg.captions, cfg.unlabelled, cfg.eval_labelled, cfg.webdataset,
-        allow_outside_paths=cfg.allow_outside_paths, scan_cache=store,
+        allow_outside_paths=cfg.allow_outside_paths, scan_cache=store, max_input_bytes=cfg.max_input_bytes,
     )
     items = _split_eval(found.items, cfg)
     settings = to_dict(cfg)
     plan_fields = {k: settings[k] for k in ("max_samples_per_shard", "max_bytes_per_shard", "resize", "reencode", "jpeg_quality", "seed")}
     cfg_hash = hashlib.sha256(json.dumps([FORMAT_VERSION, plan_fields, found.classes], sort_keys=True).encode()).hexdigest()
     units = _plan_units(cfg, items)
-    opts = EncodeOptions(cfg.resize, cfg.reencode, cfg.jpeg_quality)
+    opts = EncodeOptions(cfg.resize, cfg.reencode, cfg.jpeg_quality, cfg.max_input_bytes)
     workers = cfg.workers or os.cpu_count() or 1
 
     records: dict[tuple[str, int], dict] = {}
     todo = []
+    damaged: list[str] = []
     for split, u, its in units:
         uh = _unit_hash(cfg_hash, its)
-        rec = _unit_done(store, split, u, uh)
+        rec = _unit_done(store, split, u, uh, damaged)
         if rec is not None:
             records[(split, u)] = rec
         else:
@@ -278,12 +197,12 @@ def _shard_locked(cfg: ShardConfig, store: Store, lock: OutputLock, progress: bo
         # One process would only add its start, the pickling of every item and an idle parent; the
         # units are written in this process instead, the same bytes in the same order.
         for split, u, uh, its in todo:
-            records[(split, u)] = _write_unit(store.uri, split, u, uh, its, *args)
+            records[(split, u)] = write_unit(store.uri, split, u, uh, its, *args)
             bar.update(len(its))
     elif todo:
         with ProcessPoolExecutor(max_workers=min(workers, len(todo))) as pool:
             futs = {
-                pool.submit(_write_unit, store.uri, split, u, uh, its, *args): (split, u, len(its))
+                pool.submit(write_unit, store.uri, split, u, uh, its, *args): (split, u, len(its))
                 for split, u, uh, its in todo
             }
             for fut in as_completed(futs):
@@ -308,7 +227,8 @@ def _shard_locked(cfg: ShardConfig, store: Store, lock: OutputLock, progress: bo
     index = _build_index(cfg, settings, found.classes, records, bad, cfg_hash, items)
     replaced = _listed_shards(store)
     lock.check()
-    store.write_manifest(INDEX_KEY, index)
+    with naming(store.url(INDEX_KEY)):
+        store.write_manifest(INDEX_KEY, index)
     listed = {s["key"] for sp in index["splits"].values() for s in sp["shards"]}
     removed = _collect_garbage(store, listed | replaced)
     if removed:
@@ -316,7 +236,9 @@ def _shard_locked(cfg: ShardConfig, store: Store, lock: OutputLock, progress: bo
     elapsed = time.monotonic() - t0
     log.info("shard: %d samples in %d shards (%d units reused) in %.1fs", good, sum(len(r["shards"]) for r in records.values()), reused, elapsed)
     result = read_index(store)
-    result.raw["run"] = {"seconds": elapsed, "units_written": len(todo), "units_reused": reused}
+    # Shards found damaged (bytes changed, or gone) and written again with the bytes their name says.
+    rewritten = sorted({*damaged, *(k for r in records.values() for k in r.get("rewritten", ()))})
+    result.raw["run"] = {"seconds": elapsed, "units_written": len(todo), "units_reused": reused, "shards_repaired": rewritten}
     return result
 
 

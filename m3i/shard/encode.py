@@ -14,7 +14,8 @@ from typing import Any, BinaryIO, Iterator
 
 from PIL import Image, UnidentifiedImageError
 
-from m3i.shard.sources import InputItem
+from m3i.shard.files import read_regular
+from m3i.shard.sources import DEFAULT_MAX_INPUT_BYTES, InputItem
 
 __all__ = ["EncodeOptions", "SampleTarWriter", "decode_reason", "encode_sample", "refuse_bombs", "tar_bytes"]
 
@@ -52,6 +53,8 @@ class EncodeOptions:
     resize: int | None
     reencode: bool
     jpeg_quality: int
+    max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES
+    """Inputs larger than this are refused before they are read (``shard.max_input_bytes``)."""
 
 
 def tar_bytes(sample: dict[str, Any]) -> int:
@@ -163,7 +166,8 @@ def encode_sample(
         item: The input.
         class_index: Class name -> label number.
         opts: How to encode.
-        raw: The input's bytes, when the caller has them; else they are read from ``item.path``.
+        raw: The input's bytes, when the caller has them; else they are read from ``item.path``
+            (a regular file of at most ``opts.max_input_bytes``, checked before reading).
         bombs_refused: The caller holds :func:`refuse_bombs` around many calls (it costs about
             as much as a tenth of a small JPEG's decode, so a worker enters it once per unit).
 
@@ -171,14 +175,10 @@ def encode_sample(
         A WebDataset sample: ``__key__``, ``jpg`` and ``json`` bytes, plus ``cls`` and ``txt``.
 
     Raises:
-        OSError: The file is missing or unreadable, or the image does not decode.
+        OSError: The file is missing, unreadable, not a regular file or too large, or the image does not decode.
     """
     if raw is None:
-        try:
-            with open(item.path, "rb") as f:
-                raw = f.read()
-        except OSError as e:
-            raise OSError(f"unreadable: {type(e).__name__}: {e.strerror or e}") from None
+        raw = read_regular(item.path, opts.max_input_bytes)
     try:
         with contextlib.nullcontext() if bombs_refused else refuse_bombs():
             with Image.open(io.BytesIO(raw)) as img:

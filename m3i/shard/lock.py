@@ -6,7 +6,9 @@ sees a foreign token and stops before it writes anything. Should both pass (a ra
 the wait between its check and its write), each checks the lock again right before it publishes,
 and only the holder publishes; shard names carry checksums, so their shards never collide. A run refreshes the lock from a
 background thread; a lock whose refresh is older than ``stale_seconds`` belongs to a dead run
-and is taken over (with a warning naming the old owner).
+and is taken over (with a warning naming the old owner). A lock written on this machine (same
+host name, boot and pid namespace) by a process that no longer exists is taken over at once,
+with a warning: a run killed with ``kill -9`` does not block the next one for ``stale_seconds``.
 """
 
 from __future__ import annotations
@@ -19,12 +21,51 @@ import time
 import uuid
 from typing import Any
 
+from m3i.shard.files import naming
 from m3i.storage import Store, StorageError
 
 __all__ = ["LOCK_KEY", "OutputLock", "OutputLocked"]
 
 log = logging.getLogger(__name__)
 LOCK_KEY = "_lock.json"
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _machine() -> dict[str, str | None]:
+    """What tells this machine and pid namespace from another with the same host name (containers, a reboot)."""
+    try:
+        pid_ns = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        pid_ns = None
+    return {"boot_id": _read_text("/proc/sys/kernel/random/boot_id"), "pid_ns": pid_ns}
+
+
+def _age(lock: dict[str, Any]) -> float:
+    """Seconds since the lock's last refresh (infinite when it holds no readable time: it cannot be fresh)."""
+    try:
+        return time.time() - float(lock.get("refreshed_unix", 0))
+    except (TypeError, ValueError):
+        return float("inf")
+
+
+def _pid_gone(pid: object) -> bool:
+    """Whether no process ``pid`` exists here (a pid we may not signal exists; anything odd is not 'gone')."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False  # os.kill(0 or -n) would signal process groups
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 class OutputLocked(RuntimeError):
@@ -43,7 +84,9 @@ class OutputLock:
     def __init__(self, store: Store, stale_seconds: float, settle_seconds: float = 0.5) -> None:
         self.store, self.stale, self.settle = store, stale_seconds, settle_seconds
         self.token = uuid.uuid4().hex
-        self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "token": self.token, "started_unix": time.time()}
+        self.owner = {
+            "host": socket.gethostname(), "pid": os.getpid(), **_machine(), "token": self.token, "started_unix": time.time(),
+        }
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -54,24 +97,39 @@ class OutputLock:
             return None  # unreadable: treat as no lock; the read-back below still settles races
 
     def _write(self) -> None:
-        self.store.write_json(LOCK_KEY, {**self.owner, "refreshed_unix": time.time()})
+        with naming(self.store.url(LOCK_KEY)):
+            self.store.write_json(LOCK_KEY, {**self.owner, "refreshed_unix": time.time()})
 
     def _refuse(self, other: dict[str, Any]) -> OutputLocked:
-        age = time.time() - float(other.get("refreshed_unix", 0))
+        age = _age(other)
         return OutputLocked(
             f"shard: {self.store.url('')} is being written by another run (host {other.get('host')!r}, pid "
             f"{other.get('pid')}, lock refreshed {age:.0f}s ago); wait for it to finish. If that run is dead, its lock "
             f"is taken over once older than shard.lock_stale_seconds={self.stale:g}, or delete {self.store.url(LOCK_KEY)}"
         )
 
+    def _holder_dead_here(self, other: dict[str, Any]) -> bool:
+        """Whether ``other`` was written on this machine, in this pid namespace, by a process that is gone."""
+        here = self.owner
+        same_machine = other.get("host") == here["host"] and all(
+            here[k] is not None and other.get(k) == here[k] for k in ("boot_id", "pid_ns")
+        )
+        return same_machine and _pid_gone(other.get("pid"))
+
     def acquire(self) -> None:
         """Take the lock or raise :class:`OutputLocked` naming its holder."""
         other = self._read()
         if other is not None and other.get("token") != self.token:
-            age = time.time() - float(other.get("refreshed_unix", 0))
-            if age < self.stale:
+            age = _age(other)
+            if self._holder_dead_here(other):
+                log.warning(
+                    "shard: taking over the lock of pid %s on this host, which no longer runs (%.0fs since its refresh)",
+                    other.get("pid"), age,
+                )
+            elif age < self.stale:
                 raise self._refuse(other)
-            log.warning("shard: taking over a stale lock of host %r pid %s (%.0fs without a refresh)", other.get("host"), other.get("pid"), age)
+            else:
+                log.warning("shard: taking over a stale lock of host %r pid %s (%.0fs without a refresh)", other.get("host"), other.get("pid"), age)
         self._write()
         time.sleep(self.settle)
         now = self._read()

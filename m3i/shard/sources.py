@@ -1,8 +1,11 @@
 """Discover raw inputs: labelled class folders, caption files (JSONL/CSV), unlabelled folders, WebDataset tars.
 
 Discovery never reads image bytes; it lists files, parses caption files and lists tar members,
-and turns every problem it can see (a caption line that does not parse, a path that does not
-exist or leaves its folder, a symlink that loops) into a :class:`BadInput` instead of an exception.
+and turns every problem it can see into a :class:`BadInput` instead of an exception: a caption
+line that does not parse or is too long, a path that does not exist, leaves its folder, holds a
+NUL or names a file another row already named, a symlink that loops, anything that is not a
+regular file (FIFO, device, socket, directory), a file over ``shard.max_input_bytes``, and a
+name or caption that is not valid UTF-8 (listed with :func:`m3i.shard.files.printable`).
 """
 
 from __future__ import annotations
@@ -11,14 +14,25 @@ import csv
 import errno
 import hashlib
 import json
+import logging
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator, TextIO
+
+from m3i.shard.files import not_regular, printable, too_large, valid_text
 
 __all__ = ["IMAGE_EXTENSIONS", "InputItem", "BadInput", "Discovery", "caption_rows", "discover", "link_problem"]
 
+log = logging.getLogger(__name__)
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 SOURCES = ("labelled", "captioned", "unlabelled")
+# A caption row holds a path and a caption; a longer line is a broken row, read no further than this.
+MAX_ROW_BYTES = 1 << 20
+# Discovery's default when no cap is given (ShardConfig.max_input_bytes' default).
+DEFAULT_MAX_INPUT_BYTES = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -89,97 +103,206 @@ def link_problem(path: Path, root: Path) -> str | None:
     return None
 
 
-def _walk_images(root: Path, source: str, id_prefix: str, bad: list[BadInput]) -> list[tuple[str, str, int]]:
+def _file_problem(st: os.stat_result, cap: int) -> str | None:
+    """Why a file of this stat cannot be an input (not regular, too large), or None."""
+    if not stat.S_ISREG(st.st_mode):
+        return not_regular(st.st_mode)
+    if st.st_size > cap:
+        return too_large(st.st_size, cap)
+    return None
+
+
+def _walk_images(root: Path, source: str, id_prefix: str, bad: list[BadInput], cap: int) -> list[tuple[str, str, int]]:
     """``(path, path relative to root, size)`` of every image file under ``root``, sorted by relative path.
 
-    One ``scandir`` per folder and one ``stat`` per file (listing is on the shard run's critical
-    path); bad symlinks go to ``bad``; symlinked folders are not followed.
+    One ``scandir`` per folder and one ``lstat`` per file (listing is on the shard run's critical
+    path). Bad symlinks, anything but a regular file, files over ``cap`` bytes and names that are
+    not valid UTF-8 go to ``bad``; symlinked folders are not followed.
     """
     out = []
     real_root = root.resolve()
     stack = [(str(root), "")]
     while stack:
         folder, rel = stack.pop()
-        with os.scandir(folder) as it:
-            for e in it:
-                if e.name.startswith("."):
+        try:
+            entries = os.scandir(folder)
+        except OSError as e:
+            bad.append(BadInput(source, printable(f"{id_prefix}/{rel}"), f"unreadable folder ({e.strerror or type(e).__name__})"))
+            continue
+        with entries:
+            for e in entries:
+                name = e.name
+                if name.startswith("."):
                     continue
-                r = f"{rel}{e.name}"
+                r = rel + name
                 if e.is_dir(follow_symlinks=False):
                     stack.append((e.path, r + "/"))
-                elif _is_image(e.name):
+                    continue
+                if not _is_image(name):
+                    continue
+                if not valid_text(r):
+                    bad.append(BadInput(source, printable(f"{id_prefix}/{r}"), "file name is not valid UTF-8"))
+                    continue
+                try:
                     if e.is_symlink():
                         problem = link_problem(Path(e.path), real_root)
-                        if problem is not None:
-                            bad.append(BadInput(source, f"{id_prefix}/{r}", problem))
-                            continue
-                        size = os.stat(e.path).st_size
+                        st = os.stat(e.path) if problem is None else None
                     else:
-                        size = e.stat(follow_symlinks=False).st_size
-                    out.append((e.path, r, size))
+                        st = e.stat(follow_symlinks=False)
+                except OSError as err:  # gone since the folder was listed
+                    problem, st = f"unreadable ({err.strerror or type(err).__name__})", None
+                if st is not None:
+                    problem = _file_problem(st, cap)
+                if problem is not None:
+                    bad.append(BadInput(source, f"{id_prefix}/{r}", problem))
+                    continue
+                out.append((e.path, r, st.st_size))
     return sorted(out, key=lambda t: t[1])
 
 
 def _require_dir(kind: str, root: str) -> Path:
     p = Path(root).expanduser()
     if not p.is_dir():
-        raise ValueError(f"shard.{kind}={root!r} is not a folder")
+        raise ValueError(f"shard.{kind}={printable(root)!r} is not a folder")
     return p.resolve()
 
 
-def _class_folders(kind: str, root: str, split: str, items: list[InputItem], bad: list[BadInput]) -> set[str]:
+def _class_folders(kind: str, root: str, split: str, items: list[InputItem], bad: list[BadInput], cap: int) -> set[str]:
     base = _require_dir(kind, root)
+    prefix = printable(base.name)
     classes = set()
     subdirs = sorted(d for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not subdirs:
-        raise ValueError(f"shard.{kind}={root!r} has no class sub-folders (expected root/<class>/<image>)")
+        raise ValueError(f"shard.{kind}={printable(root)!r} has no class sub-folders (expected root/<class>/<image>)")
     for d in subdirs:
+        cid = f"{prefix}/{printable(d.name)}"
         problem = link_problem(d, base)
         if problem is not None:
-            bad.append(BadInput("labelled", f"{base.name}/{d.name}", problem))
+            bad.append(BadInput("labelled", cid, problem))
+            continue
+        found = _walk_images(d, "labelled", cid, bad, cap)
+        if not found:
+            # A class no sample carries would still take a label number and a classifier output.
+            log.warning("shard: class folder %s holds no images to read; it is not counted as a class", cid)
+            continue
+        if not valid_text(d.name):
+            bad.extend(BadInput("labelled", f"{cid}/{rel}", "class folder name is not valid UTF-8") for _p, rel, _s in found)
             continue
         classes.add(d.name)
-        for path, rel, size in _walk_images(d, "labelled", f"{base.name}/{d.name}", bad):
-            items.append(InputItem("labelled", f"{base.name}/{d.name}/{rel}", path, split, label=d.name, size=size))
+        for path, rel, size in found:
+            items.append(InputItem("labelled", f"{cid}/{rel}", path, split, label=d.name, size=size))
     return classes
 
 
+def _bounded_lines(f: TextIO, limit: int, too_long: list[int]) -> Iterator[str]:
+    """The lines of ``f``, none read further than ``limit`` characters.
+
+    A longer line is skipped to its end (read in pieces, never held whole), its number appended to
+    ``too_long``, and an empty line is given in its place so that line numbers stay true.
+    """
+    n = 0
+    while line := f.readline(limit + 1):
+        n += 1
+        if len(line) > limit and not line.endswith("\n"):
+            while (rest := f.readline(limit)) and not rest.endswith("\n"):
+                pass
+            too_long.append(n)
+            line = "\n"
+        yield line
+
+
 def caption_rows(path: Path) -> list[tuple[int, dict | None, str | None]]:
-    """(line number, row or None, error or None) for each non-empty row of a JSONL or CSV file."""
+    """(line number, row or None, error or None) for each non-empty row of a JSONL or CSV file.
+
+    A row is read no further than :data:`MAX_ROW_BYTES` characters; a longer one, a line that is not
+    JSON (or nests too deeply to parse) and a CSV row the ``csv`` module refuses are errors of their row.
+    """
     rows: list[tuple[int, dict | None, str | None]] = []
+    too_long: list[int] = []
     if path.suffix.lower() == ".csv":
         with open(path, newline="", encoding="utf-8", errors="replace") as f:
-            reader = csv.DictReader(f)
+            reader = csv.DictReader(_bounded_lines(f, MAX_ROW_BYTES, too_long))
             if not reader.fieldnames or "image" not in reader.fieldnames:
                 raise ValueError(f"shard.captions={str(path)!r}: a CSV needs a header with 'image' and 'caption' columns")
-            for i, row in enumerate(reader, start=2):
+            while True:
+                try:
+                    row = next(reader)
+                except StopIteration:
+                    break
+                except csv.Error as e:
+                    rows.append((reader.line_num, None, f"line {reader.line_num} is not valid CSV: {e}"))
+                    continue
+                rows.append((reader.line_num, row, None))
+    else:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for i, line in enumerate(_bounded_lines(f, MAX_ROW_BYTES, too_long), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    rows.append((i, None, f"line {i} is not JSON: {e.msg}"))
+                    continue
+                except (ValueError, RecursionError) as e:  # ints past Python's digit limit; deep nesting
+                    rows.append((i, None, f"line {i} is not JSON: {'nested too deeply' if isinstance(e, RecursionError) else e}"))
+                    continue
+                if not isinstance(row, dict):
+                    rows.append((i, None, f"line {i} is not a JSON object"))
+                    continue
                 rows.append((i, row, None))
-        return rows
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for i, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                rows.append((i, None, f"line {i} is not JSON: {e.msg}"))
-                continue
-            if not isinstance(row, dict):
-                rows.append((i, None, f"line {i} is not a JSON object"))
-                continue
-            rows.append((i, row, None))
-    return rows
+    rows += [(n, None, f"line {n} is longer than {MAX_ROW_BYTES} characters") for n in too_long]
+    return sorted(rows, key=lambda r: r[0])
 
 
-def _captions(root: str, items: list[InputItem], bad: list[BadInput], allow_outside: bool) -> None:
+class _Refused(Exception):
+    """An image path of a caption row that is not read; the message is its reason."""
+
+
+def _find_image(folder: str, image: str, real_folders: dict[str, str]) -> tuple[str, os.stat_result]:
+    """(real path, stat) of the file a caption row names, following symlinks as the kernel would.
+
+    One ``realpath`` per folder the rows name (cached in ``real_folders``) and one ``lstat`` per
+    row: a full ``resolve()`` per row (an ``lstat`` per path component) cost more than the decode
+    of a small JPEG.
+
+    Raises:
+        _Refused: The file is missing, or is a symlink that loops or dangles.
+    """
+    head, tail = os.path.split(image)
+    if tail in ("", ".", ".."):  # names a folder: resolve it whole
+        real = os.path.realpath(os.path.join(folder, image))
+    else:
+        real_head = real_folders.get(head)
+        if real_head is None:
+            real_head = real_folders[head] = os.path.realpath(os.path.join(folder, head))
+        real = os.path.join(real_head, tail)
+    try:
+        st = os.lstat(real)
+    except OSError as e:
+        raise _Refused("symlink loop" if e.errno == errno.ELOOP else f"missing file {printable(image)}") from None
+    if stat.S_ISLNK(st.st_mode):
+        try:
+            st = os.stat(real)
+        except OSError as e:
+            raise _Refused("symlink loop" if e.errno == errno.ELOOP else "dangling symlink") from None
+        real = os.path.realpath(real)
+    return real, st
+
+
+def _captions(root: str, items: list[InputItem], bad: list[BadInput], allow_outside: bool, cap: int) -> None:
     path = Path(root).expanduser()
     if not path.is_file():
-        raise ValueError(f"shard.captions={root!r} is not a file")
+        raise ValueError(f"shard.captions={printable(root)!r} is not a file")
     if path.suffix.lower() not in (".jsonl", ".json", ".csv"):
-        raise ValueError(f"shard.captions={root!r} must be a .jsonl or .csv file")
+        raise ValueError(f"shard.captions={printable(root)!r} must be a .jsonl or .csv file")
     path = path.resolve()
+    name = printable(path.name)
+    folder = str(path.parent)
+    inside = folder.rstrip(os.sep) + os.sep
+    real_folders: dict[str, str] = {}
+    first_line: dict[str, int] = {}
     for line, row, err in caption_rows(path):
-        rid = f"{path.name}:{line}"
+        rid = f"{name}:{line}"
         if err is not None:
             bad.append(BadInput("captioned", rid, err))
             continue
@@ -191,29 +314,42 @@ def _captions(root: str, items: list[InputItem], bad: list[BadInput], allow_outs
         if not isinstance(caption, str) or not caption.strip():
             bad.append(BadInput("captioned", rid, f"line {line} has no 'caption' text"))
             continue
-        named = path.parent / image  # an absolute `image` stays absolute
-        problem = link_problem(named, Path(named.anchor))
-        if problem is not None:
-            bad.append(BadInput("captioned", rid, f"missing file {image}" if problem.startswith("unreadable") else problem))
+        if "\0" in image:
+            bad.append(BadInput("captioned", rid, f"line {line}: the image path holds a NUL byte"))
             continue
-        img = named.resolve()
+        if not valid_text(image) or not valid_text(caption):
+            what = "image path" if not valid_text(image) else "caption"
+            bad.append(BadInput("captioned", rid, f"line {line}: the {what} is not valid Unicode (a lone surrogate)"))
+            continue
+        try:
+            real, st = _find_image(folder, image, real_folders)
+        except _Refused as e:
+            bad.append(BadInput("captioned", rid, str(e)))
+            continue
         # A caption file names images next to it; a path that climbs out (or is absolute) could make
         # the shards carry any file this process can read, so it is refused unless allowed.
-        if not allow_outside and not img.is_relative_to(path.parent):
+        if not allow_outside and not real.startswith(inside):
             bad.append(BadInput("captioned", rid, "image path leads outside the caption file's folder (see shard.allow_outside_paths)"))
             continue
-        if not img.is_file():
-            bad.append(BadInput("captioned", rid, f"not a file: {image}"))
+        problem = _file_problem(st, cap)
+        if problem is not None:
+            bad.append(BadInput("captioned", rid, problem))
             continue
+        # `./img/x.jpg`, `img/x.jpg` and a link to it are one file: one sample, the rest listed.
+        if real in first_line:
+            bad.append(BadInput("captioned", rid, f"line {line} names the same file as line {first_line[real]}"))
+            continue
+        first_line[real] = line
         items.append(
-            InputItem("captioned", f"{path.name}/{image}", str(img), "train", caption=caption.strip(), size=img.stat().st_size)
+            InputItem("captioned", f"{name}/{os.path.normpath(image)}", real, "train", caption=caption.strip(), size=st.st_size)
         )
 
 
-def _unlabelled(root: str, items: list[InputItem], bad: list[BadInput]) -> None:
+def _unlabelled(root: str, items: list[InputItem], bad: list[BadInput], cap: int) -> None:
     base = _require_dir("unlabelled", root)
-    for path, rel, size in _walk_images(base, "unlabelled", base.name, bad):
-        items.append(InputItem("unlabelled", f"{base.name}/{rel}", path, "train", size=size))
+    prefix = printable(base.name)
+    for path, rel, size in _walk_images(base, "unlabelled", prefix, bad, cap):
+        items.append(InputItem("unlabelled", f"{prefix}/{rel}", path, "train", size=size))
 
 
 def discover(
@@ -225,6 +361,7 @@ def discover(
     *,
     allow_outside_paths: bool = False,
     scan_cache=None,
+    max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES,
 ) -> Discovery:
     """List every input of every source.
 
@@ -236,6 +373,7 @@ def discover(
         webdataset: Existing WebDataset tars: local paths or ``s3://`` URLs, brace patterns allowed.
         allow_outside_paths: Let caption files name images outside their own folder.
         scan_cache: A store where tar listings are cached (``m3i.shard.tars.scan``), or None.
+        max_input_bytes: Inputs larger than this are bad inputs (``shard.max_input_bytes``).
 
     Returns:
         The items (deduplicated by (source, id)), the bad inputs, and the sorted class names.
@@ -252,17 +390,17 @@ def discover(
     bad: list[BadInput] = []
     classes: set[str] = set()
     for root in labelled:
-        classes |= _class_folders("labelled", root, "train", items, bad)
+        classes |= _class_folders("labelled", root, "train", items, bad, max_input_bytes)
     for root in eval_labelled:
-        classes |= _class_folders("eval_labelled", root, "eval", items, bad)
+        classes |= _class_folders("eval_labelled", root, "eval", items, bad, max_input_bytes)
     for root in captions:
-        _captions(root, items, bad, allow_outside_paths)
+        _captions(root, items, bad, allow_outside_paths, max_input_bytes)
     for root in unlabelled:
-        _unlabelled(root, items, bad)
+        _unlabelled(root, items, bad, max_input_bytes)
     if webdataset:
         from m3i.shard.tars import discover_tars
 
-        classes |= discover_tars(webdataset, items, bad, scan_cache)
+        classes |= discover_tars(webdataset, items, bad, scan_cache, max_input_bytes)
     seen: set[tuple[str, str, str]] = set()
     unique = []
     for it in items:
