@@ -39,11 +39,18 @@ def escaped(raw: bytes) -> str:
 
 
 def make_socket(path: Path) -> None:
-    """A Unix socket file at ``path`` (bound, then closed: the file stays)."""
+    """A Unix socket file at ``path`` (bound, then closed: the file stays).
+
+    Bound by its name from inside its folder: a socket address holds at most 107 bytes, less than
+    a test's temporary path may take.
+    """
     s = socket.socket(socket.AF_UNIX)
+    cwd = os.getcwd()
     try:
-        s.bind(str(path))
+        os.chdir(path.parent)
+        s.bind(path.name)
     finally:
+        os.chdir(cwd)
         s.close()
 
 
