@@ -4,10 +4,13 @@ DeepSpeed's bf16/fp16 engines cast the module's parameters (not its buffers) and
 with autocast off: on CUDA ``autocast_if_enabled`` even turns an outer autocast off. So the
 model must be dtype-clean: no float32 tensor may meet a low-precision weight, while the loss
 statistics stay float32. These tests build that situation on CPU, where DeepSpeed never takes
-that branch by itself.
+that branch by itself. ``M3I_TEST_DEVICE=cuda`` runs the same tests on a GPU's own kernels
+(scripts/gpu-check.sh does).
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -17,6 +20,7 @@ from m3i.config import Config, load_config
 from m3i.models import build_model
 from tests.test_models import TINY_HEADS, make_batch
 
+DEVICE = torch.device(os.environ.get("M3I_TEST_DEVICE", "cpu"))
 LOW = [torch.bfloat16, torch.float16]
 # Every subset of the three branches; the category branch alone needs classes (given below).
 BRANCHES = [(1, 1, 1), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (1, 0, 1), (0, 1, 1)]
@@ -42,9 +46,9 @@ def as_deepspeed_casts(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     return model
 
 
-def low_precision_batch(batch: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Every floating tensor of the batch in ``dtype``, as the loop hands a bf16/fp16 run its batch."""
-    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}
+def low_precision_batch(batch: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device = DEVICE) -> dict[str, torch.Tensor]:
+    """Every floating tensor of the batch in ``dtype`` on ``device``, as the loop hands a bf16/fp16 run its batch."""
+    return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in batch.items()}
 
 
 class DtypeGuard:
@@ -79,10 +83,10 @@ class DtypeGuard:
 
 def _forward_backward(cfg: Config, dtype: torch.dtype, seed: int = 0):
     torch.manual_seed(seed)
-    model = as_deepspeed_casts(build_model(cfg, num_classes=4), dtype)
-    batch = low_precision_batch(make_batch(cfg, n=6), dtype)
+    model = as_deepspeed_casts(build_model(cfg, num_classes=4).to(DEVICE), dtype)
+    batch = low_precision_batch(make_batch(cfg, n=6), dtype, DEVICE)
     guard = DtypeGuard(model)
-    assert not torch.is_autocast_enabled("cpu")
+    assert not torch.is_autocast_enabled(DEVICE.type)
     try:
         out = model(batch)
         out["loss"].backward()
@@ -116,8 +120,8 @@ def test_low_precision_losses_track_the_float32_ones(mix):
     covariance moves them by more)."""
     cfg = _cfg("default", (1, 1, 1), mix)
     torch.manual_seed(0)
-    model = build_model(cfg, num_classes=4)
-    batch = make_batch(cfg, n=6)
+    model = build_model(cfg, num_classes=4).to(DEVICE)
+    batch = {k: v.to(DEVICE) for k, v in make_batch(cfg, n=6).items()}
     with torch.no_grad():
         ref = model(batch)
         low = as_deepspeed_casts(model, torch.bfloat16)(low_precision_batch(batch, torch.bfloat16))

@@ -11,6 +11,8 @@ adds up every matmul, convolution and attention kernel torch dispatches (2 FLOPs
 multiply-add; backward kernels included), so the EMA target's forward, the predictor, the text
 tower on the captioned samples and the heads all count, and element-wise work (norms, softmax
 outside fused attention, the optimizer) does not, as in the usual MFU definition (PaLM, appendix B).
+torch 2.14 counts CUDA's flash, memory-efficient and cuDNN attention kernels but not the CPU's
+fused one, so CPU counts are low (and CPU MFU is not reported: no peak).
 """
 
 from __future__ import annotations
