@@ -23,7 +23,7 @@ def target_covariance(target: torch.Tensor) -> torch.Tensor:
     with torch.autocast(device_type=target.device.type, enabled=False):  # a bf16 C would lose the 0.02 term
         t = target.float()
         total = all_reduce_sum(t.T @ t)  # [D, D]
-    count = all_reduce_sum(torch.tensor(float(t.shape[0]), device=t.device))
+    count = all_reduce_sum(torch.full((), float(t.shape[0]), device=t.device))  # a fill, not a host-to-device copy
     return total / count.clamp_min(1.0)
 
 

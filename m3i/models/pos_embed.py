@@ -48,7 +48,8 @@ def position_features(pos: torch.Tensor, dim: int) -> torch.Tensor:
     """
     quarter = dim // 4
     omega = 1.0 / 10000 ** (torch.arange(quarter, device=pos.device, dtype=torch.float32) / quarter)  # [dim/4]
-    scaled = pos.float() * torch.tensor([1.0, 1.0, 10.0, 10.0], device=pos.device)  # [..., 4]
+    pos = pos.float()
+    scaled = torch.cat([pos[..., :2], pos[..., 2:] * 10.0], dim=-1)  # [..., 4]; no constant tensor to copy to the device
     angles = scaled[..., None] * omega  # [..., 4, dim/4]
     feats = torch.stack([angles.sin(), angles.cos()], dim=-2)  # [..., 4, 2, dim/4]
     return feats.flatten(-3)  # [..., 2 * dim]

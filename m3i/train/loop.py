@@ -211,7 +211,8 @@ def _sync_micro_batch(loss: torch.Tensor, parts: dict[str, torch.Tensor] | None,
     Returns:
         ``(finite everywhere, no SIGTERM anywhere, parts as floats or {})``.
     """
-    flags = torch.stack([torch.isfinite(loss.detach()).all(), loss.new_tensor(not sigterm, dtype=torch.bool)]).float()
+    # torch.full, not a tensor from a Python value: on CUDA that would be a blocking host-to-device copy.
+    flags = torch.stack([torch.isfinite(loss.detach()).all().float(), torch.full((), float(not sigterm), device=loss.device)])
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         if flags.is_cuda and dist.get_backend() != "nccl":
             flags = flags.cpu()  # gloo on a CUDA run: one more copy
