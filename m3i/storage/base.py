@@ -90,6 +90,20 @@ class Store(abc.ABC):
     def url(self, key: str) -> str:
         """The full URI of ``key`` (``file`` path or ``s3://bucket/prefix/key``)."""
 
+    def put_if_absent(self, key: str, data: bytes, metadata: dict[str, str] | None = None) -> bool:
+        """Create ``key`` with ``data`` only if no object is there: ``True`` when this call created it,
+        ``False`` when ``key`` existed (whoever wrote it first keeps it).
+
+        Atomic against concurrent writers: of several calls racing on one key exactly one returns
+        ``True``. This is the one compare-and-swap object stores share (a local folder: a hard link;
+        S3: ``PutObject`` with ``If-None-Match: *``); build append-only logs on it.
+
+        Raises:
+            StorageError: The backend cannot make the write conditional (a file system without hard
+                links, an S3 server that ignores ``If-None-Match``), or the write failed.
+        """
+        raise StorageError(f"put {self.url(key)}: {type(self).__name__} has no conditional (create-if-absent) write")
+
     # Derived operations: backends may override with something faster.
 
     def get_bytes(self, key: str) -> bytes:

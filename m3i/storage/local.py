@@ -67,6 +67,33 @@ class LocalStore(Store):
         self._write_meta(key, metadata)
         self._atomic_write(self._path(key), lambda f: f.write(data))
 
+    def put_if_absent(self, key: str, data: bytes, metadata: dict[str, str] | None = None) -> bool:
+        # The whole object is written to a temp file first and hard-linked into place: link(2) fails
+        # with EEXIST when the name exists, atomically (NFS included), and a reader never sees part
+        # of the object, which O_CREAT|O_EXCL followed by a write would show.
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
+        try:
+            os.fchmod(fd, 0o666 & ~_UMASK)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            except OSError as e:
+                raise StorageError(
+                    f"put {self.url(key)} if absent: this file system cannot hard-link ({e.strerror}); "
+                    "conditional writes need link(2)"
+                ) from None
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        self._write_meta(key, metadata)
+        return True
+
     def put_file(self, key: str, path: str, metadata: dict[str, str] | None = None) -> None:
         self._write_meta(key, metadata)
 

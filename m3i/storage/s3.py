@@ -28,7 +28,9 @@ import io
 import logging
 import os
 import random
+import threading
 import time
+import uuid
 from dataclasses import dataclass
 from typing import BinaryIO, Callable, Iterator, TypeVar
 from urllib.parse import urlparse
@@ -47,9 +49,16 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # S3 error codes that mean "try again later" rather than "this will never work".
-_RETRY_CODES = {"InternalError", "SlowDown", "ServiceUnavailable", "RequestTimeout", "RequestTimeTooSkewed"}
+# ConditionalRequestConflict (409): a conditional write raced another; AWS asks to retry it.
+_RETRY_CODES = {
+    "InternalError", "SlowDown", "ServiceUnavailable", "RequestTimeout", "RequestTimeTooSkewed", "ConditionalRequestConflict",
+}
 _MISSING_CODES = {"NoSuchKey", "NoSuchObject", "ResourceNotFound"}
 _MULTIPART_PART = 16 * 1024 * 1024
+_PROBE_PREFIX = ".m3i-conditional-write-probe"
+_conditional_ok: set[tuple[str, str]] = set()
+"""(endpoint, bucket) pairs seen to refuse a second ``If-None-Match: *`` write, in this process."""
+_conditional_lock = threading.Lock()
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
@@ -279,6 +288,65 @@ class S3Store(Store):
                 self.bucket, self._obj(key), path, metadata=metadata or None, part_size=_MULTIPART_PART
             ),
         )
+
+    def put_if_absent(self, key: str, data: bytes, metadata: dict[str, str] | None = None) -> bool:
+        """``PutObject`` with ``If-None-Match: *`` (AWS S3 since 2024-08, MinIO, moto 5).
+
+        A server that would ignore the header (and so let every writer win) is caught first: once
+        per endpoint and bucket and process, a probe object under ``.m3i-conditional-write-probe/``
+        is written twice and the second write must be refused; else :class:`StorageError`.
+        """
+        self._check_conditional_writes()
+        return self._create(key, data, metadata)
+
+    def _create(self, key: str, data: bytes, metadata: dict[str, str] | None) -> bool:
+        meta = metadata or {}
+        headers = {"Content-Type": meta.get("content-type", "application/octet-stream"), "If-None-Match": "*"}
+        headers.update({f"x-amz-meta-{k}": v for k, v in meta.items() if k != "content-type"})
+        attempts = 0
+
+        def put() -> bool:
+            nonlocal attempts
+            attempts += 1
+            try:
+                # minio 7.2.20's put_object turns every extra header into x-amz-meta-*; _put_object (the
+                # request put_object sends for a one-part object) sends them as given.
+                self._client._put_object(self.bucket, self._obj(key), data, headers)
+            except S3Error as e:
+                if e.code != "PreconditionFailed":
+                    raise
+                # After a retry, the object may be this call's own first attempt, whose reply was lost.
+                return attempts > 1 and self.get_bytes(key) == data
+            return True
+
+        return self._retry("put if absent", key, put)
+
+    def _check_conditional_writes(self) -> None:
+        where = (self.settings.endpoint_url, self.bucket)
+        with _conditional_lock:
+            if where in _conditional_ok:
+                return
+        probe = f"{_PROBE_PREFIX}/{uuid.uuid4().hex}"
+        try:
+            created, again = self._create(probe, b"probe", None), self._create(probe, b"probe", None)
+        except StorageError as e:
+            raise StorageError(
+                f"{self.settings.endpoint_url} (bucket {self.bucket!r}) refused a conditional write "
+                f"(PutObject with If-None-Match: *), which this operation needs: {e}"
+            ) from None
+        finally:
+            try:
+                self.delete(probe)
+            except StorageError as e:
+                log.warning("could not delete the probe object %s: %s", self.url(probe), e)
+        if not created or again:
+            raise StorageError(
+                f"{self.settings.endpoint_url} (bucket {self.bucket!r}) ignores If-None-Match: * on PutObject (a second "
+                "write of one key succeeded), so it cannot make a write conditional; use a server that supports "
+                "conditional writes (AWS S3, MinIO, moto 5) or a local folder"
+            )
+        with _conditional_lock:
+            _conditional_ok.add(where)
 
     def open_read(self, key: str) -> BinaryIO:
         return io.BufferedReader(_ResumingReader(self, key), buffer_size=1 << 20)
