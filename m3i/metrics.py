@@ -40,7 +40,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, push
 import m3i
 from m3i.config.metrics import MetricsConfig
 
-__all__ = ["METRIC_NAMES", "SUMMARY_METRIC", "TrainMetrics", "build_metrics"]
+__all__ = ["METRIC_NAMES", "PROMOTE_METRIC_NAMES", "PROMOTE_SPECS", "SUMMARY_METRIC", "TrainMetrics", "build_metrics"]
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,17 @@ SUMMARY_METRIC = "m3i_train_summary"
 METRIC_NAMES: tuple[str, ...] = (*_SPECS, SUMMARY_METRIC)
 """Every metric name m3i training exports (``/metrics`` and the Pushgateway), as PromQL sees it;
 histograms by family name (their series end in ``_bucket``, ``_sum``, ``_count``)."""
+
+# name -> (type, help, labels beyond job/model). What m3i.promote pushes (job m3i-promote), read from the log.
+PROMOTE_SPECS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "m3i_promote_decisions_total": ("counter", "Events of the model's promotion log, by action (promote, reject, rollback).",
+                                    ("action",)),
+    "m3i_promote_consecutive_rejections": ("gauge", "Candidates rejected since the champion was last set.", ()),
+    "m3i_promote_champion_info": ("gauge", "Constant 1; labels name the champion (version, previous).", ("version", "previous")),
+    "m3i_promote_champion_timestamp_seconds": ("gauge", "Unix time the champion was set (its age: time() minus this).", ()),
+}
+PROMOTE_METRIC_NAMES: tuple[str, ...] = tuple(PROMOTE_SPECS)
+"""Every metric name ``m3i promote`` pushes to the Pushgateway, as PromQL sees it."""
 
 _BASE_LABELS = ("rank", "run_id")
 _TYPES = {"gauge": Gauge, "counter": Counter, "histogram": Histogram}

@@ -20,6 +20,7 @@ from m3i.config.export import ExportConfig
 from m3i.config.launch import LaunchConfig
 from m3i.config.metrics import MetricsConfig
 from m3i.config.model import ModelConfig, ObjectiveConfig
+from m3i.config.promote import PromoteConfig
 from m3i.config.train import CheckpointConfig, TrainConfig
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "MetricsConfig",
     "ModelConfig",
     "ObjectiveConfig",
+    "PromoteConfig",
     "ShardConfig",
     "TrainConfig",
     "is_set",
@@ -74,6 +76,9 @@ class Config:
 
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     """``m3i evaluate``: kNN and linear probe on frozen features of a held-out split, optional fine-tune."""
+
+    promote: PromoteConfig = field(default_factory=PromoteConfig)
+    """``m3i promote``: the gate a new model version must pass to replace its model's champion."""
 
     def __post_init__(self) -> None:
         # Checks that span sections; each section checks its own values.
