@@ -15,7 +15,7 @@ import pytest
 
 from m3i.config import ShardConfig
 from m3i.shard import INDEX_KEY, OutputLocked, read_index, shard, verify
-from m3i.shard.lock import LOCK_KEY, OutputLock, _machine
+from m3i.shard.lock import LOCK_KEY, _machine
 from m3i.storage import open_store
 from m3i.storage.local import LocalStore
 from tests.helpers import read_tar

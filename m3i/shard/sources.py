@@ -23,7 +23,7 @@ from typing import Iterator, TextIO
 
 from m3i.shard.files import not_regular, printable, too_large, valid_text
 
-__all__ = ["IMAGE_EXTENSIONS", "InputItem", "BadInput", "Discovery", "caption_rows", "discover", "link_problem"]
+__all__ = ["IMAGE_EXTENSIONS", "InputItem", "BadInput", "Discovery", "caption_rows", "discover", "file_problem", "link_problem"]
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def link_problem(path: Path, root: Path) -> str | None:
     return None
 
 
-def _file_problem(st: os.stat_result, cap: int) -> str | None:
+def file_problem(st: os.stat_result, cap: int) -> str | None:
     """Why a file of this stat cannot be an input (not regular, too large), or None."""
     if not stat.S_ISREG(st.st_mode):
         return not_regular(st.st_mode)
@@ -152,7 +152,7 @@ def _walk_images(root: Path, source: str, id_prefix: str, bad: list[BadInput], c
                 except OSError as err:  # gone since the folder was listed
                     problem, st = f"unreadable ({err.strerror or type(err).__name__})", None
                 if st is not None:
-                    problem = _file_problem(st, cap)
+                    problem = file_problem(st, cap)
                 if problem is not None:
                     bad.append(BadInput(source, f"{id_prefix}/{r}", problem))
                     continue
@@ -254,97 +254,6 @@ def caption_rows(path: Path) -> list[tuple[int, dict | None, str | None]]:
     return sorted(rows, key=lambda r: r[0])
 
 
-class _Refused(Exception):
-    """An image path of a caption row that is not read; the message is its reason."""
-
-
-def _find_image(folder: str, image: str, real_folders: dict[str, str]) -> tuple[str, os.stat_result]:
-    """(real path, stat) of the file a caption row names, following symlinks as the kernel would.
-
-    One ``realpath`` per folder the rows name (cached in ``real_folders``) and one ``lstat`` per
-    row: a full ``resolve()`` per row (an ``lstat`` per path component) cost more than the decode
-    of a small JPEG.
-
-    Raises:
-        _Refused: The file is missing, or is a symlink that loops or dangles.
-    """
-    head, tail = os.path.split(image)
-    if tail in ("", ".", ".."):  # names a folder: resolve it whole
-        real = os.path.realpath(os.path.join(folder, image))
-    else:
-        real_head = real_folders.get(head)
-        if real_head is None:
-            real_head = real_folders[head] = os.path.realpath(os.path.join(folder, head))
-        real = os.path.join(real_head, tail)
-    try:
-        st = os.lstat(real)
-    except OSError as e:
-        raise _Refused("symlink loop" if e.errno == errno.ELOOP else f"missing file {printable(image)}") from None
-    if stat.S_ISLNK(st.st_mode):
-        try:
-            st = os.stat(real)
-        except OSError as e:
-            raise _Refused("symlink loop" if e.errno == errno.ELOOP else "dangling symlink") from None
-        real = os.path.realpath(real)
-    return real, st
-
-
-def _captions(root: str, items: list[InputItem], bad: list[BadInput], allow_outside: bool, cap: int) -> None:
-    path = Path(root).expanduser()
-    if not path.is_file():
-        raise ValueError(f"shard.captions={printable(root)!r} is not a file")
-    if path.suffix.lower() not in (".jsonl", ".json", ".csv"):
-        raise ValueError(f"shard.captions={printable(root)!r} must be a .jsonl or .csv file")
-    path = path.resolve()
-    name = printable(path.name)
-    folder = str(path.parent)
-    inside = folder.rstrip(os.sep) + os.sep
-    real_folders: dict[str, str] = {}
-    first_line: dict[str, int] = {}
-    for line, row, err in caption_rows(path):
-        rid = f"{name}:{line}"
-        if err is not None:
-            bad.append(BadInput("captioned", rid, err))
-            continue
-        image = row.get("image")
-        caption = row.get("caption", row.get("text"))
-        if not isinstance(image, str) or not image:
-            bad.append(BadInput("captioned", rid, f"line {line} has no 'image' path"))
-            continue
-        if not isinstance(caption, str) or not caption.strip():
-            bad.append(BadInput("captioned", rid, f"line {line} has no 'caption' text"))
-            continue
-        if "\0" in image:
-            bad.append(BadInput("captioned", rid, f"line {line}: the image path holds a NUL byte"))
-            continue
-        if not valid_text(image) or not valid_text(caption):
-            what = "image path" if not valid_text(image) else "caption"
-            bad.append(BadInput("captioned", rid, f"line {line}: the {what} is not valid Unicode (a lone surrogate)"))
-            continue
-        try:
-            real, st = _find_image(folder, image, real_folders)
-        except _Refused as e:
-            bad.append(BadInput("captioned", rid, str(e)))
-            continue
-        # A caption file names images next to it; a path that climbs out (or is absolute) could make
-        # the shards carry any file this process can read, so it is refused unless allowed.
-        if not allow_outside and not real.startswith(inside):
-            bad.append(BadInput("captioned", rid, "image path leads outside the caption file's folder (see shard.allow_outside_paths)"))
-            continue
-        problem = _file_problem(st, cap)
-        if problem is not None:
-            bad.append(BadInput("captioned", rid, problem))
-            continue
-        # `./img/x.jpg`, `img/x.jpg` and a link to it are one file: one sample, the rest listed.
-        if real in first_line:
-            bad.append(BadInput("captioned", rid, f"line {line} names the same file as line {first_line[real]}"))
-            continue
-        first_line[real] = line
-        items.append(
-            InputItem("captioned", f"{name}/{os.path.normpath(image)}", real, "train", caption=caption.strip(), size=st.st_size)
-        )
-
-
 def _unlabelled(root: str, items: list[InputItem], bad: list[BadInput], cap: int) -> None:
     base = _require_dir("unlabelled", root)
     prefix = printable(base.name)
@@ -393,8 +302,11 @@ def discover(
         classes |= _class_folders("labelled", root, "train", items, bad, max_input_bytes)
     for root in eval_labelled:
         classes |= _class_folders("eval_labelled", root, "eval", items, bad, max_input_bytes)
-    for root in captions:
-        _captions(root, items, bad, allow_outside_paths, max_input_bytes)
+    if captions:
+        from m3i.shard.captions import add_captions
+
+        for root in captions:
+            add_captions(root, items, bad, allow_outside_paths, max_input_bytes)
     for root in unlabelled:
         _unlabelled(root, items, bad, max_input_bytes)
     if webdataset:
