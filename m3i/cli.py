@@ -202,12 +202,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     import os
 
     from m3i.train import Preempted, train
-    from m3i.train.dist import select_device
 
     cfg = _load(args)
-    # Before anything starts: CUDA asked for and unusable raises DeviceUnavailable, a RuntimeError whose
-    # one line main() prints with exit 1; train.device=cpu hides the GPUs before CUDA initialises.
-    select_device(cfg.train.device, cfg.train.backend)
+    # train() chooses the device first (train.device): CUDA asked for and unusable raises
+    # DeviceUnavailable, a RuntimeError whose one line main() prints with exit 1.
     try:
         summary = train(cfg, progress=not (args.quiet or args.no_progress))
     except Preempted as e:

@@ -250,7 +250,7 @@ def train(cfg: Config, info: DistInfo | None = None, progress: bool = True) -> T
     from m3i.metrics import build_metrics
 
     t_start = time.monotonic()
-    info = info or init_distributed(cfg.train.backend)
+    info = info or init_distributed(cfg.train.backend, device=cfg.train.device)
     run_id = run_id_of(cfg)
     configure_float32_matmuls(cfg, info.device)
     torch.manual_seed(cfg.train.seed)
