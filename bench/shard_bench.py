@@ -22,8 +22,10 @@ the floor it is compared with, so that changes in the machine's load hit both al
 is the median of its per-round ratios, a table figure the median run. Each m3i run writes into
 a fresh output folder (the old one is removed outside the timing). GNU ``tar -cf`` (+ fsync)
 over the same files, a re-run of ``shard`` over an existing output (the resume path: every
-unit's shards checked against their sha256 and skipped) and m3i's listing of the inputs alone
-(``m3i.shard.sources.discover``, part of every m3i run) are extra lines.
+unit's shards read, hashed against their sha256 and skipped) and m3i's listing of the inputs
+alone (``m3i.shard.sources.discover``, part of every m3i run) are extra lines; so is the cost of
+the input checks on the read path: every input read with ``m3i.shard.files.read_regular``
+(regular files only, the size capped before the read) next to a plain ``open(path).read()``.
 """
 
 from __future__ import annotations
@@ -128,6 +130,21 @@ def _decode(paths: list[str], quality: int | None) -> int:
             if quality is not None and img.format != "JPEG":
                 img.convert("RGB").save(io.BytesIO(), format="JPEG", quality=quality)
     return len(paths)
+
+
+def _read_plain(paths: list[str]) -> None:
+    for path in paths:
+        with open(path, "rb") as f:
+            f.read()
+
+
+def _read_checked(paths: list[str]) -> None:
+    """Each input as m3i's encoder reads it: kind and size checked before the read (code from #22 on)."""
+    from m3i.shard.files import read_regular
+
+    cap = next(f.default for f in fields(ShardConfig) if f.name == "max_input_bytes")
+    for path in paths:
+        read_regular(path, cap)
 
 
 def _decode_in(procs: int, paths: list[str], quality: int | None) -> None:
@@ -276,6 +293,11 @@ def run(args: argparse.Namespace, work: Path) -> None:
             "of m3i: listing the inputs (sources.discover)", "1",
             lambda c0=c0: discover(c0.labelled, c0.captions, c0.unlabelled, c0.eval_labelled), n,
         )
+        cases["read_plain"] = Case("reading each input: open(path).read()", "1", lambda files=files: _read_plain(files), n)
+        if any(f.name == "max_input_bytes" for f in fields(ShardConfig)):  # code with the checks (#22 on)
+            cases["read_checked"] = Case(
+                "of m3i: reading each input with its checks (files.read_regular)", "1", lambda files=files: _read_checked(files), n
+            )
         rerun_out = outs / f"{name}-w1"
         reruns: list[dict] = []
         cases["rerun"] = Case(
@@ -355,6 +377,8 @@ def report(args: argparse.Namespace, sets: dict[str, dict], workers: list[int], 
         listing = statistics.median(c["discover"].seconds)
         ratio(f"{name} m3i_workers1/decode_floor_1proc images_per_s (lock settle and listing subtracted)",
               c["m3i1"], c["floor1"], LOCK_SETTLE_S + listing)
+        if "read_checked" in c:
+            ratio(f"{name} read_checked/read_plain images_per_s (the input checks on the read path)", c["read_checked"], c["read_plain"])
         if "work1" in c:
             ratio(f"{name} m3i_workers1/(decode+PNG_reencode)_1proc images_per_s (lock settle subtracted)", c["m3i1"], c["work1"], LOCK_SETTLE_S)
         for w in workers:

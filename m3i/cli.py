@@ -97,7 +97,7 @@ def _verify_shards(out: str) -> int:
     for key in v.unlisted:
         print(f"  not listed (the replaced index's, kept one publish, or a failed run's): {key}")
     verdict = "ok" if v.ok else f"DAMAGED: {len(v.damaged)} of {v.shards} shards; re-run the same `m3i shard` to repair"
-    print(f"data set {v.uri}: {v.shards} shards checked, {v.bytes / 1e6:.1f} MB hashed, {len(v.unlisted)} not listed: {verdict}")
+    print(f"data set {v.uri}: {v.shards} shards checked, {v.bytes / 1e6:.1f} MB verified, {len(v.unlisted)} not listed: {verdict}")
     return 0 if v.ok else 1
 
 
