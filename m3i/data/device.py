@@ -73,11 +73,12 @@ def to_device(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
 ) -> dict[str, Any]:
-    """A collated batch on ``device``, images normalised, floating tensors in ``dtype``.
+    """A collated batch on ``device``, images normalised and cast to ``dtype``.
 
     - ``uint8`` tensors of 3 or more dimensions are images (``[N, C, H, W]``; nothing else in a
       batch is ``uint8``): copied as uint8, then :func:`normalize`-d on the device.
-    - Other floating tensors (view geometry) are cast to ``dtype`` when one is given.
+    - Other floating tensors (view geometry) stay float32: the model builds positions from them in
+      float32 itself, and bf16 would round a crop offset by up to 0.4 %.
     - Integer and bool tensors (labels, masks, tokens) keep their dtype; non-tensors pass through.
 
     Copies are ``non_blocking``: from a pinned batch (``ShardLoader`` on CUDA) they overlap with
@@ -100,8 +101,6 @@ def to_device(
             v = v.to(device, non_blocking=True)
             if v.dtype == torch.uint8 and v.ndim >= 3:
                 v = normalize(v, mean, std, dtype)
-            elif dtype is not None and v.is_floating_point():
-                v = v.to(dtype)
         out[k] = v
     return out
 

@@ -257,7 +257,7 @@ def train(cfg: Config, info: DistInfo | None = None, progress: bool = True) -> T
     random.seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
 
-    loader = ShardLoader(cfg.data, build_transform(cfg, train=True), rank=info.rank, world_size=info.world_size)
+    loader = ShardLoader(cfg.data, build_transform(cfg, train=True), rank=info.rank, world_size=info.world_size, device=info.device)
     num_classes = cfg.model.num_classes or loader.num_classes
     model = build_model(cfg, num_classes=num_classes)
     ckpt = Checkpointer(cfg.checkpoint, cfg.train.output, info, run_id)
