@@ -337,3 +337,39 @@ def test_disk_full_while_writing_a_part_file_names_the_path(tmp_path, monkeypatc
     with pytest.raises(OSError) as e:
         shard(ShardConfig(out=str(tmp_path / "o"), unlabelled=(str(imgs),), workers=1), progress=False)
     assert e.value.errno == errno.ENOSPC and e.value.filename.endswith("part-0.tar"), str(e.value)
+
+
+def test_read_regular_refuses_unread_what_is_not_a_small_regular_file(tmp_path):
+    from m3i.shard.files import read_regular
+
+    (tmp_path / "ok.jpg").write_bytes(b"12345")
+    (tmp_path / "big.jpg").write_bytes(b"x" * 2048)
+    os.mkfifo(tmp_path / "pipe.jpg")
+    assert read_regular(str(tmp_path / "ok.jpg"), 1024) == b"12345"
+    assert read_regular(str(tmp_path / "ok.jpg"), 5) == b"12345"
+    cases = {
+        str(tmp_path / "big.jpg"): "too large (2048 bytes > shard.max_input_bytes=1024)",
+        str(tmp_path / "pipe.jpg"): "not a regular file (FIFO)",
+        "/dev/zero": "not a regular file (character device)",
+        str(tmp_path): "not a regular file (directory)",
+        str(tmp_path / "none.jpg"): "unreadable: FileNotFoundError: No such file or directory",
+        # procfs: a regular file whose size says 0 and whose reads give more; read no further than size + 1.
+        "/proc/self/status": "file changed while it was read",
+    }
+    for path, reason in cases.items():
+        with pytest.raises(OSError) as e:
+            read_regular(path, 1024)
+        assert str(e.value) == reason, path
+
+
+def test_oversize_pax_header_ends_the_tar_listing_unread(tmp_path):
+    import tarfile
+
+    pax = tarfile.TarInfo("././@PaxHeader")
+    pax.type, pax.size = tarfile.XHDTYPE, 2 << 20  # a pax header claiming 2 MiB: tarfile would read it whole
+    b = TarBuilder().file("00000000.jpg", jpeg(0)).file("00000000.txt", b"kept")
+    b.raw(pax.tobuf(tarfile.USTAR_FORMAT)).raw(b"0" * (2 << 20)).file("00000001.jpg", jpeg(1))
+    tar = b.write(tmp_path / "w" / "pax.tar")
+    index = shard(ShardConfig(out=str(tmp_path / "o"), webdataset=(str(tar),), max_bad_fraction=0.9), progress=False)
+    assert _bad(index) == {"w/pax.tar": "damaged tar (extended header of 2097152 bytes > 1048576) after 2 members"}
+    assert index.raw["totals"]["samples"] == 1

@@ -92,6 +92,10 @@ def _locate(url: str) -> tuple[Store, str]:
     return open_store(str(path.parent.resolve())), path.name
 
 
+class _OversizeHeader(tarfile.ReadError):
+    """A pax or GNU long-name header larger than :data:`MAX_HEADER_BYTES` (not read)."""
+
+
 class _BoundedTarInfo(tarfile.TarInfo):
     """A ``TarInfo`` that refuses extended headers (pax, GNU long names) over :data:`MAX_HEADER_BYTES`.
 
@@ -101,7 +105,7 @@ class _BoundedTarInfo(tarfile.TarInfo):
 
     def _proc_member(self, tarfile_):
         if self.type in _EXTENDED_TYPES and self.size > MAX_HEADER_BYTES:
-            raise tarfile.ReadError(f"extended header of {self.size} bytes (over {MAX_HEADER_BYTES})")
+            raise _OversizeHeader(f"extended header of {self.size} bytes > {MAX_HEADER_BYTES}")
         return super()._proc_member(tarfile_)
 
 
@@ -176,7 +180,10 @@ def scan(stream: BinaryIO, tar_name: str) -> tuple[list[dict], list[BadInput]]:
                         s[ext] = tar.extractfile(info).read(MAX_TEXT_BYTES + 1).decode("utf-8", errors="replace")
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
         # Samples listed before the damage stay; one whose image was cut off fails its decode later.
-        reason = "truncated tar" if isinstance(e, (EOFError, tarfile.ReadError)) else "unreadable tar"
+        if isinstance(e, _OversizeHeader):
+            reason = f"damaged tar ({e})"
+        else:
+            reason = "truncated tar" if isinstance(e, (EOFError, tarfile.ReadError)) else "unreadable tar"
         bad.append(BadInput("webdataset", tar_name, f"{reason} after {members} members"))
     out = []
     for s in samples.values():
