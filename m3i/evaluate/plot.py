@@ -1,5 +1,7 @@
 """PNG figures drawn with Pillow alone (no plotting library in the images): a confusion matrix, bar charts,
-line charts (one panel per series: training losses against step)."""
+line charts (one panel per series: training losses against step), and panel charts (several lines per
+panel with a shared legend and an optional dashed reference such as chance: scores of several runs
+against step, one panel per task)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from typing import Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["bar_chart_png", "confusion_png", "line_chart_png", "smooth"]
+__all__ = ["bar_chart_png", "confusion_png", "line_chart_png", "panel_chart_png", "smooth"]
 
 _PALETTE = ((66, 133, 244), (219, 68, 55), (244, 180, 0), (15, 157, 88), (171, 71, 188), (0, 172, 193), (255, 112, 67))
 
@@ -29,6 +31,12 @@ def _png(img: Image.Image) -> bytes:
 
 def _text_w(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont) -> float:
     return draw.textlength(text, font=font)
+
+
+def _dashed_hline(draw: ImageDraw.ImageDraw, left: float, right: float, y: float) -> None:
+    """A grey dashed horizontal line from ``left`` to ``right`` (a reference level such as chance)."""
+    for x in range(int(left), int(right), 12):
+        draw.line((x, y, min(x + 6, right), y), fill=(120, 120, 120), width=1)
 
 
 def confusion_png(matrix: Sequence[Sequence[int]], classes: Sequence[str], title: str = "") -> bytes:
@@ -148,9 +156,7 @@ def bar_chart_png(
     draw.line((left, bottom, right, bottom), fill="black")
     draw.line((left, top, left, bottom), fill="black")
     if reference is not None:
-        y = y_of(reference)
-        for x in range(left, right, 12):
-            draw.line((x, y, min(x + 6, right), y), fill=(120, 120, 120), width=1)
+        _dashed_hline(draw, left, right, y_of(reference))
     x = left
     for s, name in enumerate(series):  # legend
         draw.rectangle((x, height - 32, x + 14, height - 18), fill=_PALETTE[s % len(_PALETTE)])
@@ -283,6 +289,108 @@ def line_chart_png(
         draw.text((left, top - 17), name, fill=colour, font=font)
         draw.text((right - _text_w(draw, last, small), top - 15), last, fill=(90, 90, 90), font=small)
         if p == len(series) - 1:
+            x_step = x_ticks[1] - x_ticks[0] if len(x_ticks) > 1 else 1.0
+            for v in x_ticks:
+                label = _tick_label(v, x_step)
+                draw.text((x_of(v) - _text_w(draw, label, small) / 2, bottom + 4), label, fill="black", font=small)
+            draw.text((right - _text_w(draw, xlabel, small), bottom + 18), xlabel, fill=(90, 90, 90), font=small)
+    return _png(img)
+
+
+def panel_chart_png(
+    panels: dict[str, dict[str, tuple[Sequence[float], Sequence[float]]]],
+    *,
+    reference: dict[str, float] | None = None,
+    reference_label: str = "chance",
+    title: str = "",
+    ylabel: str = "",
+    xlabel: str = "step",
+    unit: str = "%",
+    y_limits: tuple[float, float] = (0.0, 100.0),
+    y_step: float = 5.0,
+) -> bytes:
+    """One panel per group, stacked, sharing the x axis; in each, one line per series; a shared legend on top.
+
+    A series keeps its colour in every panel. Earlier series are drawn wider, so lines that
+    coincide stay visible. Each panel's y range covers its lines and its reference, rounded
+    out to multiples of ``y_step`` with one ``y_step`` of margin, within ``y_limits``.
+
+    Args:
+        panels: ``{panel: {series: (xs, ys)}}`` in drawing order (e.g. ``{attribute: {arm: (steps, score in %)}}``).
+        reference: ``{panel: level}``, drawn as a grey dashed line (e.g. chance), optional per panel.
+        reference_label: What the dashed line is, in each panel's caption.
+        title: Caption above the legend.
+        ylabel: What the y axis shows, after the panel's name in its caption.
+        xlabel: Caption of the shared x axis.
+        unit: Unit of ``reference`` in the caption (``""`` for none).
+        y_limits: The y range never goes beyond these.
+        y_step: Rounding and margin of each panel's y range.
+
+    Returns:
+        PNG bytes.
+
+    Raises:
+        ValueError: When ``panels`` is empty or a series' x and y lengths differ.
+    """
+    if not panels:
+        raise ValueError("panel_chart_png needs at least one panel")
+    for name, lines in panels.items():
+        for series, (xs, ys) in lines.items():
+            if len(xs) != len(ys):
+                raise ValueError(f"series {series!r} of panel {name!r} has {len(xs)} x and {len(ys)} y values; need as many of each")
+    reference = reference or {}
+    names = list(dict.fromkeys(v for p in panels.values() for v in p))
+    colour = {v: _PALETTE[i % len(_PALETTE)] for i, v in enumerate(names)}
+    font, small = _font(15), _font(12)
+    width, panel_h, gap, left, right = 760, 170, 40, 70, 740
+    top0 = 64 if title else 40
+    img = Image.new("RGB", (width, top0 + len(panels) * (panel_h + gap) + 20), "white")
+    draw = ImageDraw.Draw(img)
+    if title:
+        draw.text((left, 10), title, fill="black", font=font)
+    x = left
+    for v in names:  # legend
+        draw.line((x, top0 - 16, x + 18, top0 - 16), fill=colour[v], width=3)
+        draw.text((x + 22, top0 - 24), v, fill="black", font=small)
+        x += 40 + _text_w(draw, v, small)
+    xs_all = [x for p in panels.values() for xs, _ in p.values() for x in xs] or [0.0]
+    x_lo, x_hi = min(xs_all), max(xs_all)
+
+    def x_of(v: float) -> float:
+        return left + (right - left) * (v - x_lo) / ((x_hi - x_lo) or 1.0)
+
+    for i, (name, lines) in enumerate(panels.items()):
+        top = top0 + i * (panel_h + gap) + 18
+        bottom = top + panel_h
+        ys = [y for _, yv in lines.values() for y in yv] + [reference.get(name, 0.0)]
+        lo = max(y_limits[0], math.floor(min(ys) / y_step) * y_step - y_step)
+        hi = min(y_limits[1], math.ceil(max(ys) / y_step) * y_step + y_step)
+
+        def y_of(v: float, lo: float = lo, hi: float = hi, top: float = top, bottom: float = bottom) -> float:
+            return bottom - (bottom - top) * (v - lo) / ((hi - lo) or 1.0)
+
+        ticks = _nice_ticks(lo, hi, 4)
+        step = ticks[1] - ticks[0] if len(ticks) > 1 else 1.0
+        for v in ticks:
+            draw.line((left, y_of(v), right, y_of(v)), fill=(230, 230, 230))
+            label = _tick_label(v, step)
+            draw.text((left - 6 - _text_w(draw, label, small), y_of(v) - 7), label, fill="black", font=small)
+        draw.rectangle((left, top, right, bottom), outline=(150, 150, 150))
+        if name in reference:
+            _dashed_hline(draw, left, right, y_of(reference[name]))
+        for j, (v, (xs, yv)) in enumerate(lines.items()):
+            pts = [(x_of(x), y_of(y)) for x, y in zip(xs, yv)]
+            w = 2 + 2 * (len(lines) - 1 - j)
+            if len(pts) > 1:
+                draw.line(pts, fill=colour[v], width=w)
+            for px, py in pts:
+                draw.ellipse((px - w / 2 - 2, py - w / 2 - 2, px + w / 2 + 2, py + w / 2 + 2), fill=colour[v])
+        caption = f"{name}: {ylabel}" if ylabel else name
+        if name in reference:
+            caption += f" (dashed: {reference_label} {reference[name]:.1f}{' ' + unit if unit else ''})"
+        draw.text((left, top - 18), caption, fill="black", font=font)
+        if i == len(panels) - 1:
+            x_ticks = _nice_ticks(x_lo, x_hi, 6, min_step=1.0) if x_hi > x_lo else [x_lo]
             x_step = x_ticks[1] - x_ticks[0] if len(x_ticks) > 1 else 1.0
             for v in x_ticks:
                 label = _tick_label(v, x_step)
