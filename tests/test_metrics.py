@@ -15,7 +15,7 @@ from prometheus_client import generate_latest
 
 from m3i.config.core import from_dict
 from m3i.config.metrics import MetricsConfig
-from m3i.metrics import METRIC_NAMES, SUMMARY_METRIC, TrainMetrics, build_metrics
+from m3i.metrics import METRIC_NAMES, SUMMARY_METRIC, StepReport, TrainMetrics, build_metrics
 from tests.prometheus import (  # noqa: F401 - fixtures
     free_port,
     free_port_pair,
@@ -66,8 +66,9 @@ def metric_of(sample_name: str) -> str:
 
 def step(m: TrainMetrics, s: int, loss: float = 1.0, **kw) -> None:
     parts = kw.pop("parts", {"loss": loss, "loss_img": loss / 2, "loss_cls": loss / 4, "loss_txt": loss / 8})
-    m.on_step(s, parts, lr=kw.pop("lr", 1e-3), samples=kw.pop("samples", 8), step_seconds=kw.pop("secs", 0.5),
-              data_wait_seconds=kw.pop("wait", 0.01), **kw)
+    parts = {**parts, **{k: kw.pop(k) for k in ("ema_momentum", "temperature", "target_std") if k in kw}}  # monitors ride in parts
+    m.on_step(StepReport(step=s, steps=100, parts=parts, lr=kw.pop("lr", 1e-3), samples=kw.pop("samples", 8),
+                         seconds=kw.pop("secs", 0.5), data_wait_seconds=kw.pop("wait", 0.01), time=time.time(), **kw))
 
 
 # -- config ------------------------------------------------------------------------------------
@@ -279,7 +280,7 @@ def test_forked_dataloader_workers_serve_nothing():
 
     m = build_metrics(local_cfg(), rank=0, local_rank=0, run_id=RUN)
     port = m.port
-    listener = f"socket:[{os.fstat(m._server.socket.fileno()).st_ino}]"
+    listener = f"socket:[{os.fstat(m.endpoint._server.socket.fileno()).st_ino}]"
     loader = torch.utils.data.DataLoader(
         _PidDataset(), batch_size=2, num_workers=2, multiprocessing_context="fork", persistent_workers=True
     )
@@ -311,8 +312,8 @@ def _rank_main(base_port: int, rank: int, steps: int, ready, stop) -> None:
     cfg = MetricsConfig(host="127.0.0.1", port=base_port)
     with build_metrics(cfg, rank=rank, local_rank=rank, run_id="run-2ranks", world_size=2, model="vit_tiny") as m:
         for s in range(1, steps + 1):
-            m.on_step(s, {"loss": 2.0 / s, "loss_img": 1.0 + rank}, lr=1e-3, samples=4,
-                      step_seconds=0.1, data_wait_seconds=0.01)
+            m.on_step(StepReport(step=s, steps=steps, parts={"loss": 2.0 / s, "loss_img": 1.0 + rank}, lr=1e-3, samples=4,
+                                 seconds=0.1, data_wait_seconds=0.01, time=time.time()))
         ready.put((rank, m.port))
         stop.wait(60)
 

@@ -99,7 +99,7 @@ def test_bf16_training_through_the_engine_with_deepspeeds_cuda_autocast_decision
     _wrap_forward(monkeypatch, record)
     flops = []
     real_on_step = TrainMetrics.on_step
-    monkeypatch.setattr(TrainMetrics, "on_step", lambda self, *a, **kw: (flops.append(kw.get("flops", 0)), real_on_step(self, *a, **kw))[1])
+    monkeypatch.setattr(TrainMetrics, "on_step", lambda self, report: (flops.append(report.flops), real_on_step(self, report))[1])
     # ZeRO-2 with the default preset's communication settings, buckets small enough to need several.
     comm = {"overlap_comm": True, "reduce_bucket_size": 1_000_000, "allgather_bucket_size": 1_000_000} if zero else {}
     cfg = _cfg(tmp_path, shards, train={"precision": "bf16", "zero_stage": zero, "steps": 3, **comm}, checkpoint={"interval_steps": 100})

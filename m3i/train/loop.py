@@ -247,7 +247,7 @@ def train(cfg: Config, info: DistInfo | None = None, progress: bool = True) -> T
         m3i.train.checkpoint.UnsafeCheckpointError: A checkpoint file holds a pickle that
             could run code; nothing of it was loaded.
     """
-    from m3i.metrics import build_metrics
+    from m3i.metrics import StepReport, build_metrics
 
     t_start = time.monotonic()
     info = info or init_distributed(cfg.train.backend, device=cfg.train.device)
@@ -408,11 +408,10 @@ def train(cfg: Config, info: DistInfo | None = None, progress: bool = True) -> T
                 last = host
                 branches = {b: int(last.get(f"n_{b}", 0)) * cfg.train.grad_accum for b in ("img", "cls", "txt")}
                 seconds = time.monotonic() - t_first
-                metrics.on_step(step, last, lr, global_samples * cfg.train.grad_accum, seconds, wait, branch_samples=branches, flops=micro_flops * cfg.train.grad_accum)
+                metrics.on_step(StepReport(step, cfg.train.steps, last, lr, global_samples * cfg.train.grad_accum, seconds, wait, time.time(), branches, micro_flops * cfg.train.grad_accum, loader.stats()))
                 if history is not None:
                     history.append({"step": step, "time": time.time(), "lr": lr, **last, "step_seconds": seconds, "data_wait_seconds": wait})
                     history.flush_if_due()
-                metrics.on_data_stats(loader.stats())
                 if trainer_status is not None:
                     trainer_status.on_step(step, cfg.train.steps, last)
                 bar.update(1)
