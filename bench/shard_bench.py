@@ -23,7 +23,7 @@ is the median of its per-round ratios, a table figure the median run. Each m3i r
 a fresh output folder (the old one is removed outside the timing). GNU ``tar -cf`` (+ fsync)
 over the same files, a re-run of ``shard`` over an existing output (the resume path: every
 unit's shards read, hashed against their sha256 and skipped) and m3i's listing of the inputs
-alone (``m3i.shard.sources.discover``, part of every m3i run) are extra lines; so is the cost of
+alone (``m3i.shard.plan.discover``, part of every m3i run) are extra lines; so is the cost of
 the input checks on the read path: every input read with ``m3i.shard.files.read_regular``
 (regular files only, the size capped before the read) next to a plain ``open(path).read()``.
 """
@@ -65,7 +65,7 @@ from m3i.config import ShardConfig
 from m3i.demo import DemoCounts, make_demo_data
 from m3i.shard import ShardIndex, shard
 from m3i.shard.lock import OutputLock
-from m3i.shard.sources import discover
+from m3i.shard.plan import discover
 
 MB = 1e6
 # demo source -> (ShardConfig field, the demo path key); captions.jsonl names the captioned images.
@@ -290,7 +290,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
             )
         c0 = cfg(work, 1)
         cases["discover"] = Case(
-            "of m3i: listing the inputs (sources.discover)", "1",
+            "of m3i: listing the inputs (plan.discover)", "1",
             lambda c0=c0: discover(c0.labelled, c0.captions, c0.unlabelled, c0.eval_labelled), n,
         )
         cases["read_plain"] = Case("reading each input: open(path).read()", "1", lambda files=files: _read_plain(files), n)

@@ -169,7 +169,7 @@ def test_decode_reasons_are_short_and_carry_no_addresses(monkeypatch, tmp_path):
     from PIL import Image, UnidentifiedImageError
 
     from m3i.shard.encode import EncodeOptions, decode_reason, encode_sample
-    from m3i.shard.sources import InputItem
+    from m3i.shard.inputs import InputItem
 
     assert decode_reason(UnidentifiedImageError("cannot identify image file <_io.BytesIO object at 0x7f3a2b1c0d90>")) == (
         "not an image (PIL cannot identify it)"

@@ -148,7 +148,7 @@ def _members(kind: str, given: str, root: str) -> list[ObjectInfo]:
     Raises:
         ValueError: A local source does not exist, or a source lists no objects.
     """
-    from m3i.shard.sources import caption_rows
+    from m3i.shard.captions import caption_rows
 
     if not is_remote(given) and not os.path.exists(given):
         raise ValueError(f"{kind} source {given!r} does not exist")

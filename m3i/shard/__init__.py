@@ -48,7 +48,8 @@ from m3i.config import ShardConfig, to_dict
 from m3i.shard.encode import EncodeOptions
 from m3i.shard.index import FORMAT, FORMAT_VERSION, INDEX_KEY, ShardIndex, ShardInfo, read_index
 from m3i.shard.lock import OutputLock, OutputLocked
-from m3i.shard.sources import InputItem, discover
+from m3i.shard.inputs import InputItem
+from m3i.shard.plan import discover
 from m3i.shard.verify import Verification, shard_problem, verify
 from m3i.shard.files import naming
 from m3i.shard.writer import PROGRESS, write_unit

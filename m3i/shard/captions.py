@@ -1,6 +1,6 @@
 """The caption-file source: rows of an image path and a caption, each image found, checked and deduplicated.
 
-Rows come from :func:`m3i.shard.sources.caption_rows` (bounded lines, per-row errors). Each row's
+Rows come from :func:`caption_rows` (bounded lines, per-row errors). Each row's
 image is found with one ``realpath`` per folder the rows name and one ``lstat`` per row, kept to the
 caption file's folder unless ``shard.allow_outside_paths``, refused when it is not a regular file or
 larger than ``shard.max_input_bytes``, and read at most once: rows naming one file (``./img/x.jpg``,
@@ -9,15 +9,81 @@ larger than ``shard.max_input_bytes``, and read at most once: rows naming one fi
 
 from __future__ import annotations
 
+import csv
 import errno
+import json
 import os
 import stat
 from pathlib import Path
+from typing import Iterator, TextIO
 
-from m3i.shard.files import printable, valid_text
-from m3i.shard.sources import BadInput, InputItem, caption_rows, file_problem
+from m3i.shard.files import file_problem, printable, valid_text
+from m3i.shard.inputs import BadInput, InputItem
 
-__all__ = ["add_captions"]
+__all__ = ["MAX_ROW_BYTES", "add_captions", "caption_rows"]
+
+# A caption row holds a path and a caption; a longer line is a broken row, read no further than this.
+MAX_ROW_BYTES = 1 << 20
+
+
+def _bounded_lines(f: TextIO, limit: int, too_long: list[int]) -> Iterator[str]:
+    """The lines of ``f``, none read further than ``limit`` characters.
+
+    A longer line is skipped to its end (read in pieces, never held whole), its number appended to
+    ``too_long``, and an empty line is given in its place so that line numbers stay true.
+    """
+    n = 0
+    while line := f.readline(limit + 1):
+        n += 1
+        if len(line) > limit and not line.endswith("\n"):
+            while (rest := f.readline(limit)) and not rest.endswith("\n"):
+                pass
+            too_long.append(n)
+            line = "\n"
+        yield line
+
+
+def caption_rows(path: Path) -> list[tuple[int, dict | None, str | None]]:
+    """(line number, row or None, error or None) for each non-empty row of a JSONL or CSV file.
+
+    A row is read no further than :data:`MAX_ROW_BYTES` characters; a longer one, a line that is not
+    JSON (or nests too deeply to parse) and a CSV row the ``csv`` module refuses are errors of their row.
+    """
+    rows: list[tuple[int, dict | None, str | None]] = []
+    too_long: list[int] = []
+    if path.suffix.lower() == ".csv":
+        with open(path, newline="", encoding="utf-8", errors="replace") as f:
+            reader = csv.DictReader(_bounded_lines(f, MAX_ROW_BYTES, too_long))
+            if not reader.fieldnames or "image" not in reader.fieldnames:
+                raise ValueError(f"shard.captions={str(path)!r}: a CSV needs a header with 'image' and 'caption' columns")
+            while True:
+                try:
+                    row = next(reader)
+                except StopIteration:
+                    break
+                except csv.Error as e:
+                    rows.append((reader.line_num, None, f"line {reader.line_num} is not valid CSV: {e}"))
+                    continue
+                rows.append((reader.line_num, row, None))
+    else:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for i, line in enumerate(_bounded_lines(f, MAX_ROW_BYTES, too_long), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    rows.append((i, None, f"line {i} is not JSON: {e.msg}"))
+                    continue
+                except (ValueError, RecursionError) as e:  # ints past Python's digit limit; deep nesting
+                    rows.append((i, None, f"line {i} is not JSON: {'nested too deeply' if isinstance(e, RecursionError) else e}"))
+                    continue
+                if not isinstance(row, dict):
+                    rows.append((i, None, f"line {i} is not a JSON object"))
+                    continue
+                rows.append((i, row, None))
+    rows += [(n, None, f"line {n} is longer than {MAX_ROW_BYTES} characters") for n in too_long]
+    return sorted(rows, key=lambda r: r[0])
 
 
 class _Refused(Exception):

@@ -15,7 +15,7 @@ from typing import Any, BinaryIO, Iterator
 from PIL import Image, UnidentifiedImageError
 
 from m3i.shard.files import read_regular
-from m3i.shard.sources import DEFAULT_MAX_INPUT_BYTES, InputItem
+from m3i.shard.inputs import DEFAULT_MAX_INPUT_BYTES, InputItem
 
 __all__ = ["EncodeOptions", "SampleTarWriter", "decode_reason", "encode_sample", "refuse_bombs", "tar_bytes"]
 

@@ -13,7 +13,7 @@ import os
 import stat
 from typing import Iterator
 
-__all__ = ["file_kind", "naming", "not_regular", "printable", "read_regular", "too_large", "valid_text"]
+__all__ = ["file_kind", "file_problem", "naming", "not_regular", "printable", "read_regular", "too_large", "valid_text"]
 
 # O_NONBLOCK: opening a FIFO that a check let through (it was swapped in after the listing) returns at
 # once instead of waiting for a writer; O_NOCTTY: a terminal never becomes this process's.
@@ -44,6 +44,15 @@ def not_regular(mode: int) -> str:
 def too_large(size: int, cap: int) -> str:
     """The reason an input of ``size`` bytes is refused under ``shard.max_input_bytes=cap``."""
     return f"too large ({size} bytes > shard.max_input_bytes={cap})"
+
+
+def file_problem(st: os.stat_result, cap: int) -> str | None:
+    """Why a file of this stat cannot be an input (not regular, too large), or None."""
+    if not stat.S_ISREG(st.st_mode):
+        return not_regular(st.st_mode)
+    if st.st_size > cap:
+        return too_large(st.st_size, cap)
+    return None
 
 
 def valid_text(s: str) -> bool:

@@ -30,7 +30,7 @@ from typing import BinaryIO, Iterator
 from braceexpand import braceexpand
 
 from m3i.shard.files import printable, too_large, valid_text
-from m3i.shard.sources import DEFAULT_MAX_INPUT_BYTES, BadInput, InputItem
+from m3i.shard.inputs import DEFAULT_MAX_INPUT_BYTES, BadInput, InputItem
 from m3i.storage import Store, StorageError, open_store
 
 __all__ = ["IMAGE_MEMBERS", "expand", "discover_tars", "read_members", "scan"]

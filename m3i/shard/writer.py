@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 from m3i.shard.encode import EncodeOptions, SampleTarWriter, encode_sample, refuse_bombs, tar_bytes
 from m3i.shard.files import naming
-from m3i.shard.sources import BadInput, InputItem
+from m3i.shard.inputs import BadInput, InputItem
 from m3i.shard.tars import read_members
 from m3i.shard.verify import shard_problem
 from m3i.storage import Store, StorageError, open_store
