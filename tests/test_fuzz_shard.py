@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-import m3i.shard
+import m3i.shard.run
 from m3i.config import ShardConfig
 from m3i.shard import read_index, shard, verify
 from m3i.shard.lock import OutputLock
@@ -253,7 +253,7 @@ def _alarm(signum, frame):
 @pytest.mark.parametrize("seed", SEEDS)
 def test_fuzzed_inputs_end_list_every_bad_input_and_publish_a_consistent_index(seed, tmp_path, monkeypatch):
     # No settle wait for the lock: each example has its own output, so no run races another here.
-    monkeypatch.setattr(m3i.shard, "OutputLock", partial(OutputLock, settle_seconds=0.0))
+    monkeypatch.setattr(m3i.shard.run, "OutputLock", partial(OutputLock, settle_seconds=0.0))
     rng = random.Random(seed)
     e = Expect()
     _folder(rng, tmp_path / "in" / f"src {rng.choice(NAME_PARTS)[:20]}", e)
