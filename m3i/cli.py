@@ -5,7 +5,7 @@
     m3i train     [--preset P] [--config F] [--set train.k=v]   (one rank; torchrun for more)
     m3i export    [--preset P] [--config F] [--set export.k=v] [--checkpoint URI] [--out URI]
     m3i evaluate  [--preset P] [--config F] [--set evaluate.k=v] [--model URI] [--out URI]
-    m3i ablate    --demo-root DIR [--preset demo] [--steps N] [--seeds 0 1 2] [--curve-every K]   M3I vs each branch -> docs/ablation.md
+    m3i ablate    --demo-root DIR [--preset demo] [--steps N] [--seeds 0 1 2] [--curve-every K]   = python -m experiments.ablation (a checkout's)
     m3i launch    [--scheduler local_cwd|kubernetes] [--kind volcano|pytorchjob|trainjob] [--dryrun] [-- train args]
     m3i demo      demo data -> shards -> one loader pass -> training (the preset's processes), on this machine
     m3i pipeline  compile | upload | run | schedule | params | run-local   (the Kubeflow pipeline m3i-pretrain)
@@ -275,10 +275,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    """M3I against each branch alone and a two-stage baseline; writes the Markdown report and its plot."""
-    from m3i.ablate import cmd_ablate as run
+    """Hand the arguments to ``python -m experiments.ablation`` of the checkout this package runs from.
 
-    return run(args, _load(args))
+    The ablation is an experiment beside the package, not part of it: an installed wheel has no
+    ``experiments/``, and the package never imports it. A process boundary, as between the
+    ablation and the ``m3i train`` runs it starts.
+    """
+    import os
+    import subprocess
+    from pathlib import Path
+
+    import m3i
+
+    root = Path(m3i.__file__).resolve().parent.parent
+    if not (root / "experiments" / "ablation" / "__main__.py").is_file():
+        raise ValueError(
+            f"m3i ablate runs experiments/ablation of a source checkout, and this m3i ({root}) is not one; from the root of a "
+            "checkout of the m3i repository run `python -m experiments.ablation --demo-root DIR ...` (see docs/ablation.md)"
+        )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)}
+    cmd = [sys.executable, "-m", "experiments.ablation", *(["--quiet"] if args.quiet else []), *args.args]
+    return subprocess.run(cmd, env=env, check=False).returncode
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -328,9 +345,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="URI", help="folder or s3://bucket/prefix for the results (evaluate.out)")
     p.set_defaults(func=cmd_evaluate)
 
-    from m3i.ablate import add_ablate_parser
-
-    p = add_ablate_parser(sub, _config_args)
+    # Every argument after `ablate` goes to the experiment as it is (its --help included): with no
+    # prefix character of its own, this parser takes `--steps 4` for plain words.
+    p = sub.add_parser(
+        "ablate", add_help=False, prefix_chars="+",
+        help="M3I vs each branch alone vs two-stage, per attribute -> Markdown + PNG (python -m experiments.ablation of a checkout)",
+    )
+    p.add_argument("args", nargs="*", help="arguments of python -m experiments.ablation (see its --help)")
     p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("demo", help="demo data -> shards -> loader pass -> training, on this machine")

@@ -1,8 +1,10 @@
-"""`m3i ablate`: arms run through `m3i train`, every checkpoint is scored per attribute, the report and curves are
-written, re-runs skip finished arms; the verdict's arithmetic on hand-made numbers."""
+"""The ablation (experiments/ablation, `python -m experiments.ablation` or `m3i ablate`): arms run through `m3i train`,
+every checkpoint is scored per attribute, the report and curves are written, re-runs skip finished arms; the verdict's
+arithmetic on hand-made numbers; `m3i ablate` hands its arguments to the experiment of the checkout."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import random
@@ -12,8 +14,9 @@ import pytest
 import yaml
 from PIL import Image, ImageDraw
 
-from m3i import ablate
-from m3i.attributes import ATTRIBUTES_FILE, build_attribute_sets, read_attributes
+import experiments.ablation.run as ablation_run
+from experiments.ablation import arms, report, stats
+from experiments.ablation.attributes import ATTRIBUTES_FILE, build_attribute_sets, read_attributes
 from m3i.config import ShardConfig, load_config
 
 # A model and images small enough for a few-second `m3i train` on one CPU thread.
@@ -69,7 +72,7 @@ def setup(tmp_path_factory):
 
 def _args(base, root, cfg, *extra: str) -> list[str]:
     return [
-        "-q", "ablate", "--config", str(cfg), "--demo-root", str(root), "--steps", "4", "--curve-every", "2", "--seeds", "0",
+        "-q", "--config", str(cfg), "--demo-root", str(root), "--steps", "4", "--curve-every", "2", "--seeds", "0",
         "--variants", "m3i", "two_stage", "--attributes", "shape", "colour", "--workdir", str(base / "work"),
         "--doc", str(base / "docs" / "ablation.md"), *extra,
     ]
@@ -77,14 +80,14 @@ def _args(base, root, cfg, *extra: str) -> list[str]:
 
 @pytest.mark.slow
 def test_ablation_trains_every_arm_through_m3i_train_and_scores_its_curve(setup, monkeypatch):
-    from m3i.cli import main
+    from experiments.ablation.cli import main
     from m3i.train.checkpoint import find_latest
 
     base, root, cfg = setup
     assert main(_args(base, root, cfg)) == 0
     results = json.loads((base / "work" / "results.json").read_text())
     ((key, runs),) = results.items()
-    assert sorted((r["variant"], r["seed"]) for r in runs) == [("m3i", 0), (ablate.RANDOM, 0), ("two_stage", 0)]
+    assert sorted((r["variant"], r["seed"]) for r in runs) == [("m3i", 0), (arms.RANDOM, 0), ("two_stage", 0)]
     by = {r["variant"]: r for r in runs}
     for v in ("m3i", "two_stage"):
         assert set(by[v]["curve"]) == {"shape", "colour"}
@@ -92,7 +95,7 @@ def test_ablation_trains_every_arm_through_m3i_train_and_scores_its_curve(setup,
             assert [p["step"] for p in points] == [0, 2, 4]
             assert all(0 <= p["knn_top1"] <= 1 and 0 <= p["probe_top1"] <= 1 for p in points)
         # step 0 is the seed's random init, the same for every arm
-        assert by[v]["curve"]["shape"][0] == by[ablate.RANDOM]["curve"]["shape"][0]
+        assert by[v]["curve"]["shape"][0] == by[arms.RANDOM]["curve"]["shape"][0]
     run = base / "work" / "runs" / key
     assert by["m3i"]["outputs"] == [str(run / "m3i-s0")] and find_latest(str(run / "m3i-s0")).step == 4
     stage1, stage2 = (run / "two_stage-s0" / f"stage{i}" for i in (1, 2))
@@ -116,7 +119,7 @@ def test_ablation_trains_every_arm_through_m3i_train_and_scores_its_curve(setup,
 
     # A re-run with the same settings trains and scores nothing and keeps the hand-written notes.
     (base / "docs" / "ablation.md").write_text(doc + "\n## Notes\n\nWhat we tried.\n")
-    monkeypatch.setattr(ablate, "run_arm", lambda job: pytest.fail(f"finished arm {job.variant} was run again"))
+    monkeypatch.setattr(ablation_run, "run_arm", lambda job: pytest.fail(f"finished arm {job.variant} was run again"))
     assert main(_args(base, root, cfg)) == 0
     assert (base / "docs" / "ablation.md").read_text().rstrip().endswith("## Notes\n\nWhat we tried.")
     monkeypatch.undo()
@@ -124,22 +127,22 @@ def test_ablation_trains_every_arm_through_m3i_train_and_scores_its_curve(setup,
     # Complete checkpoints without a results entry: scored again, not trained again.
     results[key] = [r for r in runs if r["variant"] != "m3i"]
     (base / "work" / "results.json").write_text(json.dumps(results))
-    monkeypatch.setattr(ablate, "_train", lambda *a: pytest.fail("an arm with a complete final checkpoint was trained again"))
+    monkeypatch.setattr(arms, "_train", lambda *a: pytest.fail("an arm with a complete final checkpoint was trained again"))
     assert main(_args(base, root, cfg)) == 0
     rescored = {r["variant"]: r for r in json.loads((base / "work" / "results.json").read_text())[key]}["m3i"]
     assert rescored["trained_stages"] == [] and rescored["curve"] == by["m3i"]["curve"]
 
 
 def test_stages_become_m3i_train_overrides():
-    assert ablate.stage_steps("two_stage", 5) == [2, 3] and ablate.stage_steps("m3i", 5) == [5]
-    s1, s2 = ablate.VARIANTS["two_stage"].stages
-    over = ablate.stage_overrides(s2, seed=3, steps=3, output="/w/two_stage-s3/stage2", curve_every=2, init_from="/w/two_stage-s3/stage1")
+    assert arms.stage_steps("two_stage", 5) == [2, 3] and arms.stage_steps("m3i", 5) == [5]
+    s1, s2 = arms.VARIANTS["two_stage"].stages
+    over = arms.stage_overrides(s2, seed=3, steps=3, output="/w/two_stage-s3/stage2", curve_every=2, init_from="/w/two_stage-s3/stage1")
     cfg = load_config("demo", overrides=over)
     assert (cfg.objective.use_img, cfg.objective.use_cls, cfg.objective.use_txt) == (False, True, True)
     assert cfg.data.sources == ("labelled", "captioned") and cfg.data.seed == cfg.train.seed == 3
     assert cfg.train.init_from == "/w/two_stage-s3/stage1" and cfg.train.steps == 3 and cfg.train.output == "/w/two_stage-s3/stage2"
     assert cfg.checkpoint.interval_steps == 2 and cfg.checkpoint.keep_last >= 2
-    cfg = load_config("demo", overrides=["train.init_from=elsewhere", *ablate.stage_overrides(s1, seed=0, steps=2, output="o", curve_every=1)])
+    cfg = load_config("demo", overrides=["train.init_from=elsewhere", *arms.stage_overrides(s1, seed=0, steps=2, output="o", curve_every=1)])
     assert cfg.train.init_from == "" and (cfg.objective.use_img, cfg.objective.use_cls) == (True, False)
     assert cfg.data.sources == ("labelled", "captioned", "unlabelled")
 
@@ -168,47 +171,47 @@ def test_bad_arguments_are_value_errors(setup, tmp_path):
     cfg = load_config("demo", path)
     kw = dict(demo_root=str(root), seeds=[0], steps=10, curve_every=5, workdir=str(tmp_path))
     with pytest.raises(ValueError, match="variant 'mae'"):
-        ablate.run_ablation(cfg, variants=["mae"], **kw)
+        ablation_run.run_ablation(cfg, variants=["mae"], **kw)
     with pytest.raises(ValueError, match="train.warmup_steps=5"):
-        ablate.run_ablation(load_config("demo", path, ["train.warmup_steps=5"]), variants=["two_stage"], **kw)
+        ablation_run.run_ablation(load_config("demo", path, ["train.warmup_steps=5"]), variants=["two_stage"], **kw)
     with pytest.raises(ValueError, match="has no labelled; write the demo data"):
-        ablate.run_ablation(cfg, variants=["m3i"], **{**kw, "demo_root": str(tmp_path)})
+        ablation_run.run_ablation(cfg, variants=["m3i"], **{**kw, "demo_root": str(tmp_path)})
     with pytest.raises(ValueError, match="has no attributes.jsonl"):
         read_attributes(tmp_path)
 
 
 def test_verdict_arithmetic_on_hand_made_numbers():
     img, cls, txt = [20.0, 21.0, 22.0], [40.0, 41.0, 42.0], [31.0, 31.0]
-    c_img, c_cls, c_txt = ablate.compare([30.0, 31.0, 32.0], {"img": img, "cls": cls, "txt": txt})
+    c_img, c_cls, c_txt = stats.compare([30.0, 31.0, 32.0], {"img": img, "cls": cls, "txt": txt})
     assert (c_img.rival, c_img.diff, c_img.crit) == ("img", 10.0, 2.78)
     assert c_img.t == pytest.approx(10 / math.sqrt(2 / 3)) and c_img.reached and c_img.clear
     assert c_cls.diff == -10.0 and not c_cls.reached and c_cls.clear
     # equal means, against 2 seeds without spread: t = 0, 3 degrees of freedom
     assert (c_txt.diff, c_txt.t, c_txt.crit, c_txt.reached, c_txt.clear) == (0.0, 0.0, 3.18, True, False)
-    line = ablate.verdict_line("shape", "kNN", [c_img, c_cls, c_txt])
+    line = stats.verdict_line("shape", "kNN", [c_img, c_cls, c_txt])
     assert line.startswith("- **shape**, kNN: M3I does **not** reach `cls`. Against `img` +10.0 points (t = 12.25, a clear")
     assert "`cls` -10.0 points (t = -12.25, a clear difference (|t| > 2.78))" in line
     assert "`txt` +0.0 points (t = 0.00, not a clear difference (|t| > 3.18))" in line
-    (only,) = ablate.compare([30.0], {"two_stage": [29.0]})
+    (only,) = stats.compare([30.0], {"two_stage": [29.0]})
     assert only.t is None and only.reached and not only.clear
-    assert ablate.verdict_line("colour", "linear probe", [only]) == (
+    assert stats.verdict_line("colour", "linear probe", [only]) == (
         "- **colour**, linear probe: M3I reaches every other arm. Against `two_stage` +1.0 points (t n/a with one seed)."
     )
 
 
 def _entry(variant: str, seed: int, probe: list[float], knn: float = 0.5) -> dict:
-    steps = [0, 2, 4][-len(probe):] if variant != ablate.RANDOM else [0]
+    steps = [0, 2, 4][-len(probe):] if variant != arms.RANDOM else [0]
     curve = [{"step": s, "knn_top1": knn, "probe_top1": p, "feature_std": 0.5, "classes": 2} for s, p in zip(steps, probe)]
     return {"variant": variant, "seed": seed, "steps": 4, "curve": {"shape": curve}, "train_seconds": 1.0, "eval_seconds": 1.0,
             "started_unix": 100.0 + seed, "finished_unix": 160.0 + seed}
 
 
 def test_report_tables_and_curves_from_hand_made_results():
-    results = [_entry(ablate.RANDOM, s, [0.5]) for s in (0, 1)]
+    results = [_entry(arms.RANDOM, s, [0.5]) for s in (0, 1)]
     results += [_entry("m3i", s, [0.5, 0.6, 0.70 + 0.02 * s]) for s in (0, 1)]
     results += [_entry("cls", s, [0.5, 0.7, 0.80 + 0.02 * s], knn=0.4) for s in (0, 1)]
-    ab = ablate.Ablation(results, "abc123", load_config("demo"), {"shape": ["circle", "square"]}, {"labelled": 16})
-    doc = ablate.render_markdown(
+    ab = ablation_run.Ablation(results, "abc123", load_config("demo"), {"shape": ["circle", "square"]}, {"labelled": 16})
+    doc = report.render_markdown(
         ab, variants=["m3i", "cls"], seeds=[0, 1], steps=4, curve_every=2, attributes=["shape"], command="m3i ablate",
         png_name="ablation_curves.png",
     )
@@ -216,9 +219,9 @@ def test_report_tables_and_curves_from_hand_made_results():
     assert "| M3I (all three) (`m3i`) | 50.0 ± 0.0 | 71.0 ± 1.4 | 0.500 | 70.0, 72.0 |" in doc
     assert "- **shape**, linear probe: M3I does **not** reach `cls`. Against `cls` -10.0 points (t = -7.07" in doc
     assert "- **shape**, kNN: M3I reaches every other arm. Against `cls` +10.0 points (t = inf, a clear" in doc
-    curves = ablate.mean_curves(results, ["m3i", "cls"], "shape")
+    curves = stats.mean_curves(results, ["m3i", "cls"], "shape")
     assert curves["m3i"] == ([0, 2, 4], [50.0, 60.0, pytest.approx(71.0)])
-    png = ablate.curves_png({"shape": curves, "colour": curves}, {"shape": 50.0, "colour": 50.0}, title="t")
+    png = report.curves_png({"shape": curves, "colour": curves}, {"shape": 50.0, "colour": 50.0}, title="t")
     import io
 
     with Image.open(io.BytesIO(png)) as img:
@@ -227,10 +230,71 @@ def test_report_tables_and_curves_from_hand_made_results():
 
 def test_results_of_other_settings_in_the_same_workdir_are_kept(tmp_path):
     path = tmp_path / "results.json"
-    ablate._save_result(path, "a", _entry("m3i", 0, [0.2]))
-    ablate._save_result(path, "b", _entry("cls", 0, [0.3]))  # another ablation, e.g. run at the same time
-    assert [r["variant"] for r in ablate._save_result(path, "a", _entry("m3i", 1, [0.2]))] == ["m3i", "m3i"]
+    ablation_run._save_result(path, "a", _entry("m3i", 0, [0.2]))
+    ablation_run._save_result(path, "b", _entry("cls", 0, [0.3]))  # another ablation, e.g. run at the same time
+    assert [r["variant"] for r in ablation_run._save_result(path, "a", _entry("m3i", 1, [0.2]))] == ["m3i", "m3i"]
     # the same arm and seed again (re-scored) replaces its entry
-    runs = ablate._save_result(path, "a", _entry("m3i", 0, [0.9]))
+    runs = ablation_run._save_result(path, "a", _entry("m3i", 0, [0.9]))
     assert sorted((r["seed"], r["curve"]["shape"][-1]["probe_top1"]) for r in runs) == [(0, 0.9), (1, 0.2)]
     assert set(json.loads(path.read_text())) == {"a", "b"}
+
+
+def test_m3i_ablate_hands_its_arguments_to_the_experiment(tmp_path, capfd):
+    from m3i.cli import main
+
+    assert main(["ablate", "--help"]) == 0
+    out = capfd.readouterr().out
+    assert "usage: python -m experiments.ablation" in out and "--demo-root DIR" in out and "--curve-every" in out
+    # The experiment's own checks answer, and its exit status is m3i's.
+    assert main(["-q", "ablate", "--demo-root", str(tmp_path), "--steps", "1", "--seeds", "0"]) == 2
+    err = capfd.readouterr().err
+    assert "python -m experiments.ablation: error: steps=1" in err and "need steps >= 2" in err
+
+
+def test_m3i_ablate_without_a_checkout_says_how_to_run_the_experiment(tmp_path, monkeypatch, capsys):
+    """An installed wheel carries no experiments/: the command names the checkout's entry instead of failing on an import."""
+    import m3i
+    from m3i.cli import main
+
+    monkeypatch.setattr(m3i, "__file__", str(tmp_path / "site-packages" / "m3i" / "__init__.py"))
+    assert main(["ablate", "--demo-root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "m3i ablate: error: m3i ablate runs experiments/ablation of a source checkout" in err
+    assert "python -m experiments.ablation --demo-root DIR" in err
+
+
+def test_the_package_never_imports_the_experiments():
+    import ast
+
+    package = Path(__file__).resolve().parents[1] / "m3i"
+    found = []
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            found += [f"{path.relative_to(package)}: {n}" for n in names if n.split(".")[0] == "experiments"]
+    assert not found
+
+
+def test_panel_chart_draws_each_series_in_one_colour_and_a_dashed_reference():
+    from m3i.evaluate.plot import panel_chart_png
+
+    flat = {"a": ([0, 4], [60.0, 60.0]), "b": ([0, 4], [80.0, 80.0])}
+    png = panel_chart_png({"p1": flat, "p2": {"b": flat["b"]}}, reference={"p1": 20.0}, ylabel="top-1 %")
+    with Image.open(io.BytesIO(png)) as img:
+        px = img.convert("RGB").load()
+        width, height = img.size
+        grey = (120, 120, 120)
+        # the reference: dashes on one row of the first panel only, 6 px on, 6 px off from the left edge
+        rows = [y for y in range(60, 226) if px[73, y] == grey]  # inside the first panel (its box: rows 58-228)
+        assert len(rows) == 1 and not any(px[73, y] == grey for y in range(height // 2, height))
+        assert [px[x, rows[0]] == grey for x in (71, 75, 79, 83, 87)] == [True, True, False, True, True]
+        # series "b" keeps its colour (the palette's second) in both panels
+        def colours(y0: int, y1: int) -> set:
+            return {px[400, y] for y in range(y0, y1)}
+
+        assert (219, 68, 55) in colours(0, height // 2) and (219, 68, 55) in colours(height // 2, height)
+        assert (66, 133, 244) in colours(0, height // 2) and (66, 133, 244) not in colours(height // 2, height)
+    with pytest.raises(ValueError, match="series 'a' of panel 'p' has 2 x and 1 y values"):
+        panel_chart_png({"p": {"a": ([0, 1], [1.0])}})
+    with pytest.raises(ValueError, match="at least one panel"):
+        panel_chart_png({})

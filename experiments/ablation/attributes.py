@@ -1,4 +1,4 @@
-"""Per-attribute labelled data sets of a demo root, and frozen-feature scores on them.
+"""The ablation's per-attribute labelled data sets of a demo root, and frozen-feature scores on them.
 
     sets = build_attribute_sets("m3i-data/abl/raw", "m3i-data/ablation/data/attributes", ["shape", "colour"], cfg.shard)
     scores = score_on_attributes(encoder, sets, cfg.evaluate)   # {"shape": {"knn": ..., "probe": ...}, ...}
