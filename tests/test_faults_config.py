@@ -4,7 +4,8 @@
    that names the file, the line and column and what was expected; no traceback.
 2. Non-finite floats pass no float field; floats pass no int field; counts, sizes and rates
    have upper bounds.
-3. The chart's ``launch.env`` refuses credential-like names, pointing at the S3 Secret value,
+3. The chart's ``launch.env`` refuses credential-like names (and, since #22, credential-shaped values),
+   pointing at the S3 Secret value,
    and every label map of the chart takes only valid Kubernetes label keys and values; the
    Python side (``launch.env``, ``launch.node_selector``) applies the same rules.
 """
@@ -230,29 +231,81 @@ CREDENTIAL_NAMES = [
     "AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "aws_secret_access_key", "MINIO_ROOT_USER",
     "MINIO_ROOT_PASSWORD", "MINIO_SECRET_KEY", "HF_TOKEN", "WANDB_API_KEY", "DB_PASSWORD", "CLIENT_SECRET_FILE_VALUE",
     "KFP_TOKEN", "REDIS_PASS", "GITHUB_APIKEY", "KEY",
+    # issue #22: the wider rule
+    "DB_CREDENTIAL", "AZURE_CREDENTIALS", "GITHUB_PAT", "PAT", "BASIC_AUTH", "AUTH", "OAUTH_CLIENT", "HTTP_AUTHORIZATION",
+    "BEARER", "TLS_PRIVATE_KEY", "GPG_PRIVATE", "SSH_PRIVATEKEY", "GPG_PASSPHRASE", "SMTP_PASSWD", "HFTOKEN",
+    "SESSION_COOKIE", "aws_secret", "github_pat",
 ]
 PLAIN_NAMES = [
     "NCCL_SOCKET_IFNAME", "TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS", "NCCL_IB_HCA", "PYTHONHASHSEED", "KEYBOARD",
     "GOOGLE_APPLICATION_CREDENTIALS", "AWS_REGION",
+    # what users need beside the wider rule (PAT, PASS, AUTH are whole words; a name ending in _FILE/_PATH/_DIR
+    # points at a file)
+    "PATH", "PYTHONPATH", "LD_LIBRARY_PATH", "PWD", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "TORCH_NCCL_BLOCKING_WAIT",
+    "AUTHOR", "AUTHORS", "PATTERN", "COMPASS_MODE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "MINIO_ROOT_PASSWORD_FILE", "SSH_KEY_PATH", "CUDA_VISIBLE_DEVICES", "PYTORCH_CUDA_ALLOC_CONF", "HF_HOME",
+]
+CREDENTIAL_VALUES = [
+    "AKIAIOSFODNN7EXAMPLE", "ASIAY34FZKBOKMUTVV7A", "ghp_" + "a1B2" * 9, "github_pat_" + "A1b2_" * 6, "glpat-" + "x" * 20,
+    "hf_" + "AbCd" * 9, "xoxb-1234567890-abcdefghij", "sk-" + "a" * 48, "sk-ant-api03-" + "b" * 40, "AIza" + "c" * 35,
+    "-----BEGIN RSA PRIVATE KEY-----", "-----BEGIN OPENSSH PRIVATE KEY-----",
+    "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.sig", "postgresql://user:hunter2@db:5432/x", "redis://:pw@cache:6379",
+    "https://oauth2:tok@gitlab.example.com/a.git", "key=AKIAIOSFODNN7EXAMPLE,other",
+]
+PLAIN_VALUES = [
+    "eth0", "mlx5_0:1", "false", "100000", "0.1", "s3://m3i/data/train", "https://minio.m3i:9000", "git@github.com:a/b",
+    "http://ml-pipeline.kubeflow:8888/x@y", "task-" + "a" * 30, "dask-worker-" + "b" * 30, "AKIA", "a" * 40,
+    "sha256:" + "f" * 64, "/var/run/gcp/key.json", "AKIAIOSFODNN7EXAMPLE0",
 ]
 ENV_ITEMS = SCHEMA["properties"]["launch"]["properties"]["env"]["items"]
+NAME_RULE, VALUE_REF = ENV_ITEMS["allOf"]
+VALUE_RULE = SCHEMA["definitions"]["notCredentialValue"]
+PARAMS = SCHEMA["properties"]["pipeline"]["properties"]["hook"]["properties"]["schedule"]["properties"]["params"]
+
+
+def _schema_refuses_env(item: str) -> bool:
+    """The chart's launch.env item rule, run by Python's re (RE2 reads these patterns alike)."""
+    credential_name, file_name = (p.get("pattern") or p["not"]["pattern"] for p in NAME_RULE["if"]["allOf"])
+    by_name = bool(re.search(credential_name, item)) and not re.search(file_name, item)
+    return by_name or bool(re.search(VALUE_RULE["if"]["pattern"], item))
 
 
 def test_credential_env_pattern_is_the_same_in_the_chart_and_launch_config():
-    assert ENV_ITEMS["if"]["pattern"] == f"(?i)^({CREDENTIAL_ENV_NAME})="
-    assert "storage.existingSecret" in ENV_ITEMS["then"]["const"]
+    from m3i.config.credentials import CREDENTIAL_FILE_ENV_NAME, CREDENTIAL_VALUE
+
+    assert NAME_RULE["if"]["allOf"] == [
+        {"pattern": f"(?i)^({CREDENTIAL_ENV_NAME})="}, {"not": {"pattern": f"(?i)^({CREDENTIAL_FILE_ENV_NAME})="}}]
+    assert "storage.existingSecret" in NAME_RULE["then"]["const"]
+    assert VALUE_REF == {"$ref": "#/definitions/notCredentialValue"}
+    assert VALUE_RULE["if"] == {"type": "string", "pattern": CREDENTIAL_VALUE}
+    # The hook's params: the same name rule (matched whole) and the same value rule.
+    assert PARAMS["propertyNames"]["if"]["allOf"] == [
+        {"pattern": f"(?i)^({CREDENTIAL_ENV_NAME})$"}, {"not": {"pattern": f"(?i)^({CREDENTIAL_FILE_ENV_NAME})$"}}]
+    assert PARAMS["additionalProperties"]["allOf"] == [VALUE_REF]
 
 
 @pytest.mark.parametrize("name", CREDENTIAL_NAMES + PLAIN_NAMES)
 def test_credential_env_rejected_by_launch_config(name):
-    # The chart's schema pattern, run by Python's re, agrees with LaunchConfig on every name.
+    # The chart's schema rule, run by Python's re, agrees with LaunchConfig on every name.
     credential = name in CREDENTIAL_NAMES
-    assert bool(re.search(ENV_ITEMS["if"]["pattern"], f"{name}=x")) is credential
+    assert _schema_refuses_env(f"{name}=x") is credential
     if credential:
         with pytest.raises(ValueError, match=rf"launch\.env sets {name}; credentials come only from the Secret"):
             from_dict(LaunchConfig, {"env": [f"{name}=x"]}, section="launch")
     else:
         assert from_dict(LaunchConfig, {"env": [f"{name}=x"]}, section="launch").env_dict() == {name: "x"}
+
+
+@pytest.mark.parametrize("value", CREDENTIAL_VALUES + PLAIN_VALUES)
+def test_credential_shaped_env_value_rejected_by_launch_config(value):
+    credential = value in CREDENTIAL_VALUES
+    assert _schema_refuses_env(f"SETTING={value}") is credential
+    if credential:
+        with pytest.raises(ValueError, match=r"launch\.env sets SETTING to a value shaped like a credential") as e:
+            from_dict(LaunchConfig, {"env": [f"SETTING={value}"]}, section="launch")
+        assert value not in str(e.value)  # the message never repeats the secret
+    else:
+        assert from_dict(LaunchConfig, {"env": [f"SETTING={value}"]}, section="launch").env_dict() == {"SETTING": value}
 
 
 LABEL_DEFS = SCHEMA["definitions"]

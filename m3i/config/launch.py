@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from m3i.config.core import check_choice, check_range
+from m3i.config.credentials import CREDENTIAL_ENV_NAME, is_credential_name, is_credential_value
 
 __all__ = [
     "LaunchConfig",
@@ -52,19 +53,6 @@ S3_SECRET_KEYS: dict[str, bool] = {
 }
 """Keys read from ``launch.s3_secret`` into same-named env vars; True marks a key the Secret may omit."""
 
-CREDENTIAL_ENV_NAME = (
-    r"MINIO_ROOT_[A-Z0-9_]*|[A-Z0-9_]*(SECRET|PASSWORD|PASSWD)[A-Z0-9_]*"
-    r"|([A-Z0-9_]*_)?(TOKENS?|KEYS?|PASS|APIKEY|ACCESSKEY)(_[A-Z0-9_]*)?"
-)
-"""Env var names that look like credentials, matched whole and case-insensitively: ``MINIO_ROOT_*``;
-any name containing ``SECRET``, ``PASSWORD`` or ``PASSWD``; a name with a ``_``-separated word
-``TOKEN(S)``, ``KEY(S)``, ``PASS``, ``APIKEY`` or ``ACCESSKEY`` (``AWS_ACCESS_KEY_ID``, ``HF_TOKEN``,
-``WANDB_API_KEY``, but not ``TOKENIZERS_PARALLELISM``). ``launch.env`` refuses them, and the Helm
-chart's values.schema.json refuses them in ``launch.env`` with the same pattern: credentials reach
-the pods only from the Secret ``launch.s3_secret``. Paths to credential files
-(``GOOGLE_APPLICATION_CREDENTIALS``) are not credentials and pass."""
-
-_CREDENTIAL_ENV = re.compile(rf"^({CREDENTIAL_ENV_NAME})$", re.IGNORECASE)
 _MAX_POD_BYTES = 2**50
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -277,8 +265,9 @@ class LaunchConfig:
 
     env: tuple[str, ...] = ()
     """Extra ``KEY=VALUE`` env vars of the trainer (e.g. ``NCCL_SOCKET_IFNAME=eth0``); never credentials:
-    names that look like one (:data:`CREDENTIAL_ENV_NAME`: ``*SECRET*``, ``*PASSWORD*``, ``HF_TOKEN``,
-    ``WANDB_API_KEY``, ``MINIO_ROOT_*``, ...) are refused, as the Helm chart refuses them."""
+    names that look like one (:mod:`m3i.config.credentials`: ``*SECRET*``, ``*PASSWORD*``, ``*CREDENTIAL*``,
+    ``HF_TOKEN``, ``WANDB_API_KEY``, ``GITHUB_PAT``, ``BASIC_AUTH``, ``MINIO_ROOT_*``, ...) and values shaped like
+    one (``AKIA...``, ``ghp_...``, a URL with a password) are refused, as the Helm chart refuses them."""
 
     run_as_user: int = 1000
     """Non-root UID (and GID) the container runs as."""
@@ -344,13 +333,20 @@ class LaunchConfig:
                 "(launch.metrics_port + local rank); move one of them"
             )
         for item in self.env:
-            key, sep, _ = item.partition("=")
+            key, sep, value = item.partition("=")
             if not sep or not _ENV_NAME.match(key):
                 raise ValueError(f"launch.env entry {item!r} must look like KEY=VALUE")
-            if _CREDENTIAL_ENV.match(key):
+            if is_credential_name(key):
                 raise ValueError(
                     f"launch.env sets {key}; credentials come only from the Secret named by launch.s3_secret "
-                    "(launch.env refuses names like *SECRET*, *PASSWORD*, *_TOKEN, *_KEY, MINIO_ROOT_*)"
+                    "(launch.env refuses names like *SECRET*, *PASSWORD*, *CREDENTIAL*, *_TOKEN, *_KEY, *_PAT, *_AUTH, "
+                    "MINIO_ROOT_*: m3i.config.credentials)"
+                )
+            if is_credential_value(value):
+                # The value is not shown: it is the secret.
+                raise ValueError(
+                    f"launch.env sets {key} to a value shaped like a credential (an access key, a token, a private key "
+                    "or a URL with a password); credentials come only from the Secret named by launch.s3_secret"
                 )
         check_range(s, "run_as_user", self.run_as_user, 1, 2**31 - 1)
         check_range(s, "termination_grace_seconds", self.termination_grace_seconds, 1, 86400)
