@@ -16,7 +16,7 @@ TORCHX := torchx==0.7.0 pyre-extensions==0.0.32 typing-inspect==0.9.0 mypy-exten
           docstring-parser==0.18.0 importlib-metadata==8.7.0 zipp==4.1.2 docker==7.2.0 \
           filelock==4.3.1 fsspec==2026.9.0 tabulate==0.10.0
 
-.PHONY: install services tools demo test clean
+.PHONY: install services tools demo test clean ablation
 
 install: $(STAMP)
 
@@ -29,6 +29,13 @@ $(STAMP): pyproject.toml Makefile
 # The main job: the Kubeflow pipeline m3i-pretrain on this machine (kfp.local) on the demo data.
 demo: install
 	$(BIN)/m3i pipeline run-local
+
+# The ablation behind docs/ablation.md (about 35 min on 2 cores): an experiment beside the package,
+# run from this checkout; finished arms are kept in m3i-data/ablation and skipped on a re-run.
+ablation: install
+	$(BIN)/m3i demo-data --out m3i-data/abl/raw
+	$(BIN)/python -m experiments.ablation --preset demo --demo-root m3i-data/abl/raw --steps 300 --seeds 0 1 2 \
+		--curve-every 100 --jobs 2 --workdir m3i-data/ablation --doc docs/ablation.md
 
 # Prometheus and its Pushgateway (Debian packages) for the metrics tests.
 services:
