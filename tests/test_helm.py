@@ -248,6 +248,9 @@ def test_defaults_render_no_credentials():
         (("--set", "launch.terminationGraceSeconds=0"), "/launch/terminationGraceSeconds"),
         (("--set", "launch.gpusPerNode=16"), "launch.gpusPerNode=16 runs one rank per GPU, more than the 8"),
         (("--set", "namespace.create=true,launch.rdmaResource=rdma/ib"),
+         'launch.rdmaResource=rdma/ib adds capability IPC_LOCK, which only a namespace enforcing Pod Security "privileged" '
+         "admits: set namespace.allowPrivileged=true"),
+        (("--set", "namespace.create=true,namespace.allowPrivileged=true,launch.rdmaResource=rdma/ib"),
          'launch.rdmaResource=rdma/ib adds capability IPC_LOCK, which Pod Security "restricted" refuses'),
     ],
 )
@@ -760,7 +763,7 @@ def test_gpu_nccl_rdma_and_grace_values_reach_every_training_pod(kind, tmp_path)
     the pods of every kind (and the grace period into the runtime), valid against each CRD."""
     sets = (f"launch.kind={kind},launch.gpusPerNode=8,launch.terminationGraceSeconds=900,launch.ncclEnv.NCCL_IB_HCA=mlx5,"
             "launch.rdmaResource=rdma/ib,launch.rdmaPerNode=2,trainer.runtime.enabled=true,namespace.create=true,"
-            "namespace.podSecurity=privileged")
+            "namespace.podSecurity=privileged,namespace.allowPrivileged=true")
     objs = objects("--set", sets)
     cfg = load_config(None, launch_config_file(objs, tmp_path), []).launch
     assert (cfg.ranks_per_node, cfg.termination_grace_seconds, cfg.nccl_env) == (8, 900, {"NCCL_IB_HCA": "mlx5"})

@@ -58,6 +58,15 @@ app.kubernetes.io/part-of: m3i
 {{- default .Release.Namespace .Values.launch.namespace }}
 {{- end }}
 
+{{/* Bytes of a memory quantity (digits, an optional fraction, an optional suffix), as a float;
+the schema has checked its form (definitions.podMemory). */}}
+{{- define "m3i.quantityBytes" -}}
+{{- $q := toString . }}
+{{- $digits := regexFind "^[0-9]+(\\.[0-9]+)?" $q }}
+{{- $units := dict "" 1.0 "k" 1e3 "M" 1e6 "G" 1e9 "T" 1e12 "P" 1e15 "E" 1e18 "Ki" 1024.0 "Mi" 1048576.0 "Gi" 1073741824.0 "Ti" 1099511627776.0 "Pi" 1125899906842624.0 "Ei" 1152921504606846976.0 }}
+{{- mulf (float64 $digits) (get $units (trimPrefix $digits $q)) }}
+{{- end }}
+
 {{/* Whether the bundled MinIO runs ("true" or ""). */}}
 {{- define "m3i.minio" -}}
 {{- if not .Values.storage.external.endpoint }}true{{ end }}
@@ -200,8 +209,24 @@ imagePullSecrets:
 {{- if and (kindIs "invalid" .nprocPerNode) (not (kindIs "invalid" .gpusPerNode)) (gt (int .gpusPerNode) 8) }}
 {{- fail (printf "launch.gpusPerNode=%v runs one rank per GPU, more than the 8 whose metrics ports the chart's runtime and monitors cover; set launch.nprocPerNode (at most 8)" .gpusPerNode) }}
 {{- end }}
-{{- if and .rdmaResource $.Values.namespace.create (ne $.Values.namespace.podSecurity "privileged") (not .namespace) }}
+{{- if and .rdmaResource (not $.Values.namespace.allowPrivileged) }}
+{{- fail (printf "launch.rdmaResource=%s adds capability IPC_LOCK, which only a namespace enforcing Pod Security \"privileged\" admits: set namespace.allowPrivileged=true to say you mean it (with namespace.podSecurity=privileged when the chart creates the namespace, or label the training namespace yourself)" .rdmaResource) }}
+{{- end }}
+{{- if and .rdmaResource $.Values.namespace.create (ne $.Values.namespace.podSecurity "privileged") (eq (include "m3i.trainNamespace" $) $.Release.Namespace) }}
 {{- fail (printf "launch.rdmaResource=%s adds capability IPC_LOCK, which Pod Security %q refuses: set namespace.podSecurity=privileged, or train in a namespace (launch.namespace) that enforces privileged" .rdmaResource $.Values.namespace.podSecurity) }}
+{{- end }}
+{{- $memory := include "m3i.quantityBytes" (default "16Gi" .memory) | float64 }}
+{{- $shm := include "m3i.quantityBytes" (default "4Gi" .shmSize) | float64 }}
+{{- if ge $shm $memory }}
+{{- fail (printf "launch.shmSize=%s must be below launch.memory=%s: /dev/shm counts against the pod's memory (null is m3i's default: memory 16Gi, shmSize 4Gi)" (default "null" .shmSize) (default "null" .memory)) }}
+{{- end }}
+{{- end }}
+{{- if and (eq .Values.namespace.podSecurity "privileged") (not .Values.namespace.allowPrivileged) }}
+{{- fail "namespace.podSecurity=privileged lets every pod of the namespace run privileged (host namespaces, any capability, host paths): set namespace.allowPrivileged=true to say you mean it (launch.rdmaResource needs it), or keep restricted" }}
+{{- end }}
+{{- range $what, $ns := dict "the release namespace (helm -n)" .Release.Namespace "the training namespace (launch.namespace, or the release namespace)" (include "m3i.trainNamespace" .) }}
+{{- if and (hasPrefix "kube-" $ns) (not $.Values.namespace.allowSystem) }}
+{{- fail (printf "%s is %s, a Kubernetes system namespace (kube-*): pick a namespace of your own, or set namespace.allowSystem=true to say you mean it" $what $ns) }}
 {{- end }}
 {{- end }}
 {{- with .Values.kueue.localQueue }}
