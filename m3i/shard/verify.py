@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from m3i.shard.index import INDEX_KEY, read_index
+from m3i.shard.collection import is_shard_key
 from m3i.storage import Store, StorageError, open_store
 from m3i.storage.base import sha256_file
 
@@ -86,7 +87,6 @@ def verify(uri: str) -> Verification:
             else:
                 out.damaged.append((s.key, problem))
     for obj in store.list(""):
-        parts = obj.key.split("/")
-        if len(parts) == 2 and not parts[0].startswith("_") and parts[1].endswith(".tar") and obj.key not in listed:
+        if is_shard_key(obj.key) and obj.key not in listed:
             out.unlisted.append(obj.key)
     return out
