@@ -11,7 +11,8 @@
     m3i pipeline  compile | upload | run | schedule | params | run-local   (the Kubeflow pipeline m3i-pretrain)
 
 Every stage takes ``--preset``, ``--config FILE`` and repeated ``--set section.key=value``.
-Bad values exit with status 2 and one line naming the value; other failures with 1.
+Bad values exit with status 2 and one line naming the value; other failures with 1, among them an
+unsafe or damaged artifact (:class:`m3i.artifacts.ArtifactError`), in one line wherever it was read.
 """
 
 from __future__ import annotations
@@ -185,15 +186,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"m3i demo: training {result.state} ({result.handle}); last lines of {log_path}:", file=sys.stderr)
         print("\n".join(tail), file=sys.stderr)
         return result.exit_code
-    from m3i.storage import open_store
+    from m3i.artifacts import read_summary
 
-    summary = open_store(cfg.train.output).read_json("summary.json")
-    loss = " ".join(f"{k}={v:.4f}" for k, v in summary["last_parts"].items() if k.startswith("loss"))
+    summary = read_summary(cfg.train.output)
+    loss = " ".join(f"{k}={v:.4f}" for k, v in summary.last_parts.items() if k.startswith("loss"))
     print(
-        f"      {summary['steps']} steps on {summary['world_size']} ranks in {time.monotonic() - t0:.1f}s "
-        f"(training loop {summary['seconds']:.1f}s, {summary['skipped_steps']} skipped); {loss}"
+        f"      {summary.steps} steps on {summary.world_size} ranks in {time.monotonic() - t0:.1f}s "
+        f"(training loop {summary.seconds:.1f}s, {summary.skipped_steps} skipped); {loss}"
     )
-    print(f"      checkpoint {summary['checkpoint']}")
+    print(f"      checkpoint {summary.checkpoint}")
     return 0
 
 
@@ -245,6 +246,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """kNN and linear probe (and an optional fine-tune) of an exported model or a checkpoint, against random init."""
+    from m3i.artifacts import METRICS_FILE
     from m3i.config import is_set
     from m3i.evaluate import evaluate, score_lines
 
@@ -270,7 +272,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"  loss curves {r.files['loss_curves.png']}")
     if r.pushed is not None:
         print(f"  pushgateway: {'pushed' if r.pushed else 'push failed (see warning)'}")
-    print(f"metrics {r.files['metrics.json']}")
+    print(f"metrics {r.files[METRICS_FILE]}")
     return 0
 
 
@@ -369,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``m3i`` console script; returns the exit status."""
+    from m3i.artifacts.errors import ArtifactError
     from m3i.storage import StorageError
 
     args = build_parser().parse_args(argv)
@@ -378,6 +381,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return args.func(args)
+    except ArtifactError as e:  # unsafe or damaged, wherever it was read: the same one line, exit 1
+        print(f"m3i {args.command}: failed: {' '.join(str(e).splitlines())}", file=sys.stderr)
+        return 1
     except ValueError as e:
         print(f"m3i {args.command}: error: {e}", file=sys.stderr)
         return 2

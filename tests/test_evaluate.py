@@ -549,7 +549,7 @@ def test_loss_curves_are_drawn_from_the_models_history(trained, tmp_path):
 
 
 def test_a_checkpoints_history_is_its_runs():
-    from m3i.train.checkpoint import run_output_of
+    from m3i.artifacts import run_output_of
 
     _run_output = lambda uri: run_output_of(uri) or ""  # noqa: E731  (how evaluate reads it)
 

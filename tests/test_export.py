@@ -131,7 +131,7 @@ def test_streamed_safetensors_equal_the_library_and_reject_a_wrong_tensor(tmp_pa
 
 
 def test_no_complete_checkpoint_is_a_clear_error(tmp_path, fake):
-    from m3i.export import locate_checkpoint
+    from m3i.artifacts import locate_checkpoint
 
     with pytest.raises(ValueError, match="holds no complete checkpoint"):
         locate_checkpoint(str(tmp_path / "empty-run"))
@@ -304,7 +304,8 @@ def test_model_card_manifest_and_sums_are_true(tmp_path, fake):
 
 
 def test_the_export_carries_the_runs_history_up_to_its_step(tmp_path, fake):
-    from m3i.train.history import History, read_history
+    from m3i.artifacts import read_history
+    from m3i.train.history import History
 
     run = tmp_path / "run"
     _fake_zero0_checkpoint(run, fake["cfg"], fake["model"], step=3, meta_extra={"init_from": {

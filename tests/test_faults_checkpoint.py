@@ -184,7 +184,8 @@ def test_planted_pickle_in_rank_state_does_not_run(run, shards, tmp_path, as_fil
 def test_planted_pickle_in_a_deepspeed_file_does_not_run(run, shards, tmp_path, monkeypatch):
     marker = tmp_path / "pwned"
     ckpt = _ckpt(run, 4)
-    from m3i.train.safe_state import deepspeed_globals, load_weights_only
+    from m3i.artifacts.zero import load_weights_only
+    from m3i.train.safe_state import deepspeed_globals
 
     state = load_weights_only(ckpt / DS_MODEL, "cpu", deepspeed_globals())
     state["meta"]["note"] = _Planted(marker)
@@ -250,7 +251,7 @@ def test_damaged_newest_checkpoint_falls_back_on_resume(run, shards, tmp_path, c
 
 @pytest.mark.slow
 def test_damaged_newest_checkpoint_falls_back_on_export(run):
-    from m3i.export import locate_checkpoint
+    from m3i.artifacts import locate_checkpoint
     from m3i.storage import StorageError
 
     ckpt = _ckpt(run, 4)
@@ -461,7 +462,7 @@ else:
 
 def _ds_moments(ckpt: Path, stage: int, world: int) -> dict[str, torch.Tensor]:
     """``exp_avg/<name>`` of every trainable parameter, rebuilt from DeepSpeed's own per-rank optimizer shards."""
-    from m3i.export.zero import load_state
+    from m3i.artifacts.zero import load_state
 
     optim = [load_state(next((ckpt / "ds").glob(f"*zero_pp_rank_{r}_mp_rank_00_optim_states.pt")))["optimizer_state_dict"] for r in range(world)]
     out: dict[str, torch.Tensor] = {}

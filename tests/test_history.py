@@ -7,8 +7,9 @@ import math
 
 import pytest
 
+from m3i.artifacts import HISTORY_FILE, parse_history, read_history
 from m3i.storage import StorageError, open_store
-from m3i.train.history import HISTORY_FILE, History, parse_history, read_history, render_history
+from m3i.train.history import History, render_history
 
 
 def _rows(steps, **extra):

@@ -94,7 +94,7 @@ def gains(m: dict) -> tuple[float, float]:
 
 def test_demo_recipe_learns_the_demo_shapes(tmp_path):
     from m3i.demo import DemoCounts, make_demo_data
-    from m3i.train.history import read_history
+    from m3i.artifacts import read_history
 
     make_demo_data(tmp_path / "raw", DemoCounts(), seed=0)
     m = train_and_score(tmp_path / "raw", tmp_path)

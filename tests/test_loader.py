@@ -69,7 +69,7 @@ def test_ranks_get_disjoint_samples_and_equal_batches(shards, world):
 
 
 def test_equal_batches_whatever_the_shard_sizes():
-    from m3i.shard.index import ShardInfo
+    from m3i.artifacts import ShardInfo
 
     shards = [ShardInfo(f"s{i}", n, 0, "", {"labelled": n}) for i, n in enumerate([97, 3, 50, 1, 1, 64])]
     for world in (1, 2, 3, 8):

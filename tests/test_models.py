@@ -393,7 +393,7 @@ def test_open_clip_encoder_refuses_tokens_longer_than_its_context():
 
 
 def test_default_config_builds_a_bert_base_sized_open_clip_text_tower():
-    from m3i.evaluate.load import _group_names
+    from m3i.models.groups import optimizer_group_names
 
     cfg = load_config(None)
     m = cfg.model
@@ -407,8 +407,8 @@ def test_default_config_builds_a_bert_base_sized_open_clip_text_tower():
     assert tower.context_length == 77 and tower.token_embedding.num_embeddings == CLIP_VOCAB_SIZE
     assert tower.text_projection is None and tower.pool_type == "argmax" and tower.attn_mask is not None  # causal
     assert 120e6 < sum(p.numel() for p in enc.parameters()) < 125e6  # BERT-Base-sized, with CLIP's vocabulary
-    # evaluate.load rebuilds the whole model on the meta device to name the optimizer groups.
-    decay, no_decay = _group_names(cfg, 10)()
+    # Reading a ZeRO-0 mixed-precision checkpoint rebuilds the whole model on the meta device to name the optimizer groups.
+    decay, no_decay = optimizer_group_names(cfg, 10)()
     assert "text_encoder.tower.positional_embedding" in no_decay
     assert "text_encoder.tower.token_embedding.weight" in decay
 

@@ -93,7 +93,7 @@ def test_sigterm_saves_a_complete_checkpoint_and_exits_143(shards, tmp_path):
     assert "preempted: SIGTERM at step" in err
     steps = sorted(json.loads(p.read_text())["step"] for p in (out / "checkpoints").glob("step-*/complete.json"))
     assert steps[-1] > 3 and grace < 30  # a new, complete checkpoint well inside a 30 s grace period
-    from m3i.train.history import read_history
+    from m3i.artifacts import read_history
 
     assert [r["step"] for r in read_history(str(out))] == list(range(1, steps[-1] + 1))  # flushed with that checkpoint
 
@@ -247,7 +247,7 @@ def test_history_has_one_row_per_step_keeps_steps_once_over_a_resume_and_ships_w
     from m3i.models import build_model
     from m3i.train import TrainingDiverged, loop
     from m3i.train.engine import lr_lambda, peak_lr
-    from m3i.train.history import read_history
+    from m3i.artifacts import read_history
 
     # Attempt 1 trains steps 1-4, checkpoints at 3, and dies at step 4 on a NaN: row 4 is not in a checkpoint.
     out, run = _in_process_train(monkeypatch, tmp_path, shards, set(range(5, 100)), checkpoint={"interval_steps": 3}, steps=6, max_bad_steps=1)

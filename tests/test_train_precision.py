@@ -116,7 +116,7 @@ def test_fp16_overflow_holds_step_ema_and_schedule_together(shards, tmp_path, mo
     from m3i.train import loop
     from m3i.train.ema import EMAUpdater
     from m3i.train.engine import lr_lambda, peak_lr
-    from m3i.train.history import read_history
+    from m3i.artifacts import read_history
 
     one_rank_here(monkeypatch)
     seen = _spy_engine(monkeypatch)
@@ -193,7 +193,7 @@ def _sigterm_on_call(monkeypatch, call: int) -> None:
 @pytest.mark.parametrize("grace, warned", [("1e-9", True), ("1e9", False)])
 def test_sigterm_save_knows_the_grace_period(shards, tmp_path, monkeypatch, caplog, grace, warned):
     from m3i.train import Preempted, loop
-    from m3i.train.checkpoint import find_latest
+    from m3i.artifacts import find_latest
 
     one_rank_here(monkeypatch)
     monkeypatch.setenv("M3I_TERMINATION_GRACE_SECONDS", grace)

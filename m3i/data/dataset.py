@@ -17,10 +17,10 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
+from m3i.artifacts.dataset import ShardInfo
 from m3i.data.gopen import open_url
 from m3i.data.plan import EpochPlan, derive_seed
 from m3i.data.tarstream import iter_samples
-from m3i.shard.index import ShardInfo
 
 __all__ = ["ShardStream", "decode_sample", "decode_image", "preload_decoders", "Counters", "Position"]
 

@@ -12,12 +12,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, default_collate
 
+from m3i.artifacts.dataset import ShardIndex, check_shards, read_index
 from m3i.config import DataConfig
 from m3i.data.dataset import Counters, Position, ShardStream, preload_decoders
 from m3i.data.device import current_device, pin_memory_for
 from m3i.data.gopen import register_s3_scheme
 from m3i.data.plan import EpochPlan, derive_seed
-from m3i.shard.index import ShardIndex, read_index
 from m3i.storage import open_store
 
 __all__ = ["ShardLoader", "ImageTransform", "build_loader"]
@@ -123,6 +123,8 @@ class ShardLoader:
         self.store = open_store(cfg.shards)
         self.index: ShardIndex = read_index(self.store)
         self.shards = self.index.shards(cfg.split)
+        # Deleted shards: one line naming them now, not a worker's traceback once training has started.
+        check_shards(self.store, self.index, cfg.split)
         self.counters = Counters()
         self.epoch = 0
         self.consumed = 0

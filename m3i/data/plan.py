@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from m3i.shard.index import ShardInfo
+from m3i.artifacts.dataset import ShardInfo
 
 __all__ = ["EpochPlan", "WorkerRange", "derive_seed"]
 

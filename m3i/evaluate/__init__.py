@@ -30,8 +30,10 @@ from m3i.evaluate.features import (
 )
 from m3i.evaluate.finetune import finetune
 from m3i.evaluate.knn import knn_scores, topk_accuracy
-from m3i.evaluate.load import Encoder, embed, load_encoder, load_exported, random_init, read_exported_config
+from m3i.artifacts.export import read_exported_config
+from m3i.evaluate.baseline import random_init
 from m3i.evaluate.probe import linear_probe
+from m3i.models.pretrained import Encoder, embed, load_encoder, load_exported
 from m3i.evaluate.report import (
     EVAL_JOB,
     METRIC_NAMES,

@@ -4,7 +4,7 @@
     series = loss_series(rows)                # {"loss": ([1, 2, ...], [2.3, 2.1, ...]), "loss_img": ..., ...}
     png = loss_curves_png(series)             # one panel per loss part against step
 
-The history is ``history.jsonl`` (:mod:`m3i.train.history`) in the run output of a checkpoint
+The history is ``history.jsonl`` (:mod:`m3i.artifacts.run`) in the run output of a checkpoint
 or in an export's folder. A missing or unreadable history is no error: evaluation scores the
 weights, the curves are a bonus.
 """
@@ -14,10 +14,10 @@ from __future__ import annotations
 import logging
 from typing import Any, Sequence
 
-from m3i.evaluate.load import Encoder
+from m3i.artifacts.run import HISTORY_FILE, read_history
 from m3i.evaluate.plot import line_chart_png
+from m3i.models.pretrained import Encoder
 from m3i.storage import StorageError
-from m3i.train.history import HISTORY_FILE, read_history
 
 __all__ = ["LOSS_KEYS", "LOSS_CURVES", "find_history", "history_summary", "loss_curves_png", "loss_series"]
 

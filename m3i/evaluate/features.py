@@ -23,11 +23,11 @@ import webdataset as wds
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from m3i.artifacts.dataset import ShardIndex, ShardInfo, check_shards, read_index
 from m3i.config import Config, DataConfig
 from m3i.data import decode_sample, open_url, to_device
 from m3i.data.device import pin_memory_for
-from m3i.evaluate.load import Encoder, embed
-from m3i.shard.index import ShardIndex, ShardInfo, read_index
+from m3i.models.pretrained import Encoder, embed
 from m3i.storage import open_store
 from m3i.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
 
@@ -160,12 +160,14 @@ def extract_features(
 
     Raises:
         ValueError: When the split has no labelled samples.
+        m3i.artifacts.DamagedArtifactError: When shards of the split that the index lists are gone.
         RuntimeError: When fewer or more labelled samples were read than the index lists
             (a shard that does not read fully raises its own error first).
     """
     expected = labelled_count(index, split)
     if expected == 0:
         raise ValueError(f"split {split!r} of {index.uri} has no labelled samples to evaluate on")
+    check_shards(open_store(index.uri), index, split)  # a deleted shard: one line naming it, before any worker starts
     was_training = module.training
     module.eval()
     t0 = time.monotonic()

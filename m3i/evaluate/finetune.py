@@ -10,11 +10,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from m3i.artifacts.dataset import ShardIndex
 from m3i.config import DataConfig, EvaluateConfig
 from m3i.data import IMAGENET_MEAN, IMAGENET_STD, ShardLoader, resolve_device, to_device
 from m3i.evaluate.features import Features, extract_features, labelled_count
-from m3i.evaluate.load import embed
-from m3i.shard.index import ShardIndex
+from m3i.models.pretrained import embed
 
 __all__ = ["finetune"]
 

@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import torch
 from prometheus_client import CollectorRegistry, Gauge, push_to_gateway
 
+from m3i.artifacts.evaluation import METRICS_FILE
 from m3i.evaluate.curves import LOSS_CURVES, loss_curves_png, loss_series
 from m3i.evaluate.knn import topk_accuracy
 from m3i.evaluate.plot import confusion_png
@@ -264,8 +265,8 @@ def write_outputs(out_uri: str, metrics: dict[str, Any], figures: dict[str, byte
     for name, png in figures.items():
         store.put_bytes(name, png, {"content-type": "image/png"})
     store.put_bytes("report.md", render_report(metrics).encode(), {"content-type": "text/markdown"})
-    store.write_manifest("metrics.json", metrics)
-    names = ("kfp_metrics.json", "confusion_matrix.json", *figures, "report.md", "metrics.json")
+    store.write_manifest(METRICS_FILE, metrics)
+    names = ("kfp_metrics.json", "confusion_matrix.json", *figures, "report.md", METRICS_FILE)
     return {n: store.url(n) for n in names}
 
 

@@ -13,16 +13,17 @@ import torch
 from torch.nn import functional as F
 
 from m3i import __version__
+from m3i.artifacts.dataset import ShardIndex
 from m3i.config import Config, EvaluateConfig
 from m3i.data import resolve_device
 from m3i.evaluate.curves import find_history, history_summary, loss_series
 from m3i.evaluate.features import Features, eval_transform, extract_features, read_split_index
 from m3i.evaluate.finetune import finetune
 from m3i.evaluate.knn import knn_scores
-from m3i.evaluate.load import Encoder, load_encoder, random_init
+from m3i.evaluate.baseline import random_init
 from m3i.evaluate.probe import linear_probe
 from m3i.evaluate.report import BASELINE, classification_metrics, push_metrics, render_figures, write_outputs
-from m3i.shard.index import ShardIndex
+from m3i.models.pretrained import Encoder, load_encoder
 
 __all__ = ["EvalResult", "evaluate", "feature_spread", "score_features", "score_random_init"]
 

@@ -3,15 +3,9 @@
     result = export(cfg)          # cfg.export says which checkpoint, encoder, dtype and where
     result.uri                    # <out>/<name>/v00000500-1a2b3c4d
 
-Under the version prefix::
-
-    model.safetensors   the encoder's state dict with timm's key names (``backbone.`` stripped)
-    config.json         timm's hub config: architecture (timm's constructor), model_args, preprocessing,
-                        and m3i_architecture (what the network is: ``vit_w96_d4_h3_p8_32``)
-    README.md           the model card
-    history.jsonl       the run's per-step loss curves up to the exported step (when the run has them)
-    SHA256SUMS          sha256 of the files above
-    export.json         the manifest, written LAST: every file with bytes and sha256, and the provenance
+Under the version prefix: ``model.safetensors``, ``config.json``, ``README.md`` (the model card),
+``history.jsonl`` (when the run has one), ``SHA256SUMS`` and, written LAST, the manifest
+``export.json`` (the layout, its names and readers: :mod:`m3i.artifacts.export`).
 
 Peak memory stays near one float32 copy of the backbone: checkpoint files are memory-mapped,
 only the backbone's tensors are read, and the weights file is written tensor by tensor.
@@ -34,26 +28,20 @@ import torch
 from m3i import __version__
 from m3i.config import Config
 from m3i.config.core import from_dict
+from m3i.artifacts.checkpoint import MARKER, CheckpointSource, locate_checkpoint, run_output_of
+from m3i.artifacts.export import CARD, CONFIG, FORMAT, FORMAT_VERSION, MANIFEST, PREFIXES, SUMS, WEIGHTS
+from m3i.artifacts.run import HISTORY_FILE, read_history
+from m3i.artifacts.zero import BackboneReader
 from m3i.export.card import CardFacts, code_revision, load_call, render_card, render_sums, timm_config
 from m3i.export.safetensors_stream import write_safetensors
-from m3i.export.source import CheckpointSource, locate_checkpoint
-from m3i.export.zero import BackboneReader
+from m3i.models.groups import optimizer_group_names
 from m3i.storage import Store, join_uri, open_store, sha256_file
-from m3i.train.checkpoint import run_output_of
-from m3i.train.history import HISTORY_FILE, read_history, render_history
+from m3i.train.history import render_history
 
-__all__ = ["export", "ExportResult", "MANIFEST", "PREFIXES", "WEIGHTS"]
+__all__ = ["export", "ExportResult"]
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "export.json"
-WEIGHTS = "model.safetensors"
-FORMAT = "m3i-export"
-FORMAT_VERSION = 2
-"""2: ``architecture`` names the network and ``timm_architecture`` is timm's constructor; in 1
-``architecture`` was the constructor (``vit_tiny_patch16_224`` for a 96-wide, patch-8 ViT)."""
-PREFIXES = {"online": "backbone.", "ema": "target.backbone."}
-"""Where each encoder lives in the M3I module's state dict."""
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -108,7 +96,7 @@ def _read_json_uri(uri: str) -> Any:
 def _train_config(src: CheckpointSource) -> Config:
     raw = src.manifest.get("config")
     if not isinstance(raw, dict):
-        raise ValueError(f"checkpoint {src.uri} records no training config in its complete.json; it cannot be exported")
+        raise ValueError(f"checkpoint {src.uri} records no training config in its {MARKER}; it cannot be exported")
     return from_dict(Config, raw, section="checkpoint config")
 
 
@@ -117,21 +105,6 @@ def _meta_backbone(arch: str, kwargs: dict[str, Any]):
 
     with torch.device("meta"):  # shapes and names only: no memory, no initialisation cost
         return timm.create_model(arch, **kwargs)
-
-
-def _optimizer_group_names(train_cfg: Config, num_classes: int):
-    """Parameter names of each optimizer group, as the training engine built them (ZeRO-0 mixed precision)."""
-
-    def names() -> list[list[str]]:
-        from m3i.models import build_model
-        from m3i.train.engine import param_groups
-
-        with torch.device("meta"):
-            model = build_model(train_cfg, num_classes=num_classes)
-        by_id = {id(p): n for n, p in model.named_parameters()}
-        return [[by_id[id(p)] for p in g["params"]] for g in param_groups(model, train_cfg.train.weight_decay)]
-
-    return names
 
 
 def _check_keys(reader: BackboneReader, expected: dict[str, tuple[int, ...]], arch: str) -> None:
@@ -215,7 +188,7 @@ def export(cfg: Config) -> ExportResult:
         out.mkdir()
         reader = BackboneReader(
             src.keys, src.path, PREFIXES[e.weights], params,
-            group_names=_optimizer_group_names(train_cfg, int(meta.get("num_classes") or 0)),
+            group_names=optimizer_group_names(train_cfg, int(meta.get("num_classes") or 0)),
         )
         _check_keys(reader, expected, described)
         dtype = _DTYPES[e.dtype]
@@ -248,8 +221,8 @@ def export(cfg: Config) -> ExportResult:
     seconds = time.monotonic() - t0
     log.info("export: %s (%s) written in %.1fs", uri, described, seconds)
     return ExportResult(
-        uri=uri, weights=store.url(WEIGHTS), config=store.url("config.json"), card=store.url("README.md"),
-        sums=store.url("SHA256SUMS"), manifest=store.url(MANIFEST), name=name, version=version, step=src.step,
+        uri=uri, weights=store.url(WEIGHTS), config=store.url(CONFIG), card=store.url(CARD),
+        sums=store.url(SUMS), manifest=store.url(MANIFEST), name=name, version=version, step=src.step,
         checkpoint=src.uri, encoder=e.weights, dtype=e.dtype, sha256=sha, bytes=size, architecture=network, seconds=seconds,
         history=store.url(HISTORY_FILE) if history else None, timm_architecture=arch,
     )
@@ -258,13 +231,13 @@ def export(cfg: Config) -> ExportResult:
 def _write_beside(out: Path, facts: CardFacts, config: dict[str, Any], weights_sha: str) -> dict[str, str]:
     """``config.json``, ``README.md`` and ``SHA256SUMS`` next to the weights (and the history, if
     written already); returns every file's sha256."""
-    (out / "config.json").write_text(_json(config))
-    (out / "README.md").write_text(render_card(facts))
-    hashes = {WEIGHTS: weights_sha, "config.json": _hash(out / "config.json"), "README.md": _hash(out / "README.md")}
+    (out / CONFIG).write_text(_json(config))
+    (out / CARD).write_text(render_card(facts))
+    hashes = {WEIGHTS: weights_sha, CONFIG: _hash(out / CONFIG), CARD: _hash(out / CARD)}
     if (out / HISTORY_FILE).exists():
         hashes[HISTORY_FILE] = _hash(out / HISTORY_FILE)
-    (out / "SHA256SUMS").write_text(render_sums(hashes))
-    hashes["SHA256SUMS"] = _hash(out / "SHA256SUMS")
+    (out / SUMS).write_text(render_sums(hashes))
+    hashes[SUMS] = _hash(out / SUMS)
     return hashes
 
 

@@ -34,6 +34,9 @@ from pathlib import Path
 from typing import Any, Sequence, TextIO
 
 
+from m3i.artifacts.dataset import INDEX_KEY, read_index, shard_problems
+from m3i.artifacts.export import WEIGHTS
+from m3i.artifacts.run import read_summary
 from m3i.config import Config, load_config, to_dict
 from m3i.config.launch import KINDS
 from m3i.storage import is_remote, join_uri, open_store
@@ -202,17 +205,14 @@ def verify_dataset(uri: str) -> tuple[bool, str]:
     """Whether the data set at ``uri`` is complete: ``index.json`` and every shard it names, at its size."""
     store = open_store(uri)
     try:
-        index = store.read_json("index.json")
+        index = read_index(store)
     except Exception as e:  # noqa: BLE001 - missing or unreadable: either way it must be rebuilt
-        return False, f"no readable index.json ({type(e).__name__})"
+        return False, f"no readable {INDEX_KEY} ({type(e).__name__})"
     have = {o.key: o.size for o in store.list()}
-    for split, sp in sorted(index.get("splits", {}).items()):
-        for s in sp["shards"]:
-            if s["key"] not in have:
-                return False, f"shard {s['key']} of split {split} is missing"
-            if have[s["key"]] != s["bytes"]:
-                return False, f"shard {s['key']} has {have[s['key']]} bytes; the index says {s['bytes']}"
-    return True, f"index and {sum(len(sp['shards']) for sp in index.get('splits', {}).values())} shards present"
+    for split in sorted(index.splits):
+        for key, problem in shard_problems(index.shards(split), have):
+            return False, f"shard {key} of split {split} is missing" if problem == "missing" else f"shard {key} has {problem}"
+    return True, f"index and {sum(len(s) for s in index.splits.values())} shards present"
 
 
 def plan_dataset(
@@ -288,8 +288,8 @@ def shard_dataset(
     store = open_store(dataset_uri)
     return {
         "uri": dataset_uri,
-        "index": join_uri(dataset_uri, "index.json"),
-        "index_sha256": store.sha256("index.json"),
+        "index": join_uri(dataset_uri, INDEX_KEY),
+        "index_sha256": store.sha256(INDEX_KEY),
         "inputs_sha256": raw["inputs_sha256"],
         "classes": list(index.classes),
         "samples": raw["totals"]["samples"],
@@ -382,17 +382,17 @@ def train_model(
         result = run_cluster_job(lcfg, train_args, log_to=log_to, poll_s=poll_s, timeout_s=timeout_s)
     if not result.ok:
         raise RuntimeError(f"training {result.state} ({launcher} {result.handle}); its log is above")
-    summary = open_store(output_uri).read_json("summary.json")
+    summary = read_summary(output_uri)
     return {
         "uri": output_uri,
-        "checkpoint": summary["checkpoint"],
-        "steps": summary["steps"],
-        "samples": summary["samples"],
-        "skipped_steps": summary["skipped_steps"],
-        "world_size": summary["world_size"],
+        "checkpoint": summary.checkpoint,
+        "steps": summary.steps,
+        "samples": summary.samples,
+        "skipped_steps": summary.skipped_steps,
+        "world_size": summary.world_size,
         "seconds": round(time.monotonic() - t0, 1),
-        "train_seconds": summary["seconds"],
-        "last_parts": summary["last_parts"],
+        "train_seconds": summary.seconds,
+        "last_parts": summary.last_parts,
         "launcher": launcher,
         "job": result.handle,
         "nodes": nodes,
@@ -411,7 +411,7 @@ def export_model(
     cfg, _ = step_config(preset, [*overrides, *sets])
     r = export(cfg)
     out = dataclasses.asdict(r)
-    out["sha256"] = open_store(r.uri).sha256("model.safetensors")
+    out["sha256"] = open_store(r.uri).sha256(WEIGHTS)
     return out
 
 

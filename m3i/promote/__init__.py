@@ -7,17 +7,18 @@
     print(list_versions("s3://m3i/models", "m3i-demo").markdown())
 
 A stage above ``evaluate``: it reads exports (:mod:`m3i.promote.records`) and scores
-(:mod:`m3i.promote.scores`), gates them with a pure function (:mod:`m3i.promote.gate`), keeps the
+(:mod:`m3i.artifacts.evaluation`), gates them with a pure function (:mod:`m3i.promote.gate`), keeps the
 pointer and the append-only log safe against concurrent writers (:mod:`m3i.promote.ledger`), re-scores
 a champion measured on another eval set (:mod:`m3i.promote.reevaluate`), and optionally mirrors into
 a Kubeflow Model Registry (:mod:`m3i.promote.registry`) and a Pushgateway (:mod:`m3i.promote.push`).
 """
 
+from m3i.artifacts.evaluation import EvalSet, Evaluation, evaluation_from_metrics, read_evaluation
 from m3i.promote.errors import ChampionDamaged, PromoteError, PromotionConflict
 from m3i.promote.gate import Check, Decision, Scored, gate
 from m3i.promote.ledger import Ledger, LedgerState
 from m3i.promote.push import PROMOTE_JOB, push_promotion_metrics, summarise
-from m3i.promote.records import ChampionRecord, Event, RunInfo, VersionRef, read_version, version_problem
+from m3i.promote.records import ChampionRecord, Event, RunInfo, VersionRef, VersionRow, read_version, version_problem
 from m3i.promote.reevaluate import reevaluate
 from m3i.promote.report import render_decision, render_versions
 from m3i.promote.run import (
@@ -25,14 +26,12 @@ from m3i.promote.run import (
     Plan,
     PromotionResult,
     RollbackResult,
-    VersionRow,
     commit,
     decide,
     list_versions,
     promote,
     rollback,
 )
-from m3i.promote.scores import EvalSet, Evaluation, evaluation_from_metrics, read_evaluation
 
 __all__ = [
     "PROMOTE_JOB",

@@ -8,18 +8,17 @@ version, or a version whose files changed, is noticed (:func:`version_problem`).
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from m3i.export.exporter import FORMAT as EXPORT_FORMAT
-from m3i.export.exporter import MANIFEST, WEIGHTS
-from m3i.promote.scores import EvalSet
-from m3i.storage import Store, StorageError, join_uri, open_store
+from m3i.artifacts.evaluation import EvalSet
+from m3i.artifacts.export import MANIFEST, WEIGHTS, listed_files, read_export_manifest
+from m3i.storage import StorageError, join_uri, open_store
 
 __all__ = [
-    "ChampionRecord", "Event", "RunInfo", "VERSION_PATTERN", "VersionRef", "check_name", "read_version", "version_problem",
+    "ChampionRecord", "Event", "RunInfo", "VERSION_PATTERN", "VersionRef", "VersionRow", "check_name", "read_version",
+    "version_problem",
 ]
 
 VERSION_PATTERN = re.compile(r"^v\d{8}-[0-9a-f]{8}$")
@@ -86,21 +85,6 @@ class VersionRef:
         )
 
 
-def _manifest(store: Store) -> tuple[dict[str, Any], bytes]:
-    raw = store.get_bytes(MANIFEST)
-    try:
-        doc = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{store.url(MANIFEST)} is not JSON: {e}") from None
-    if not isinstance(doc, dict) or doc.get("format") != EXPORT_FORMAT:
-        raise ValueError(f"{store.url(MANIFEST)} is not an `m3i export` manifest (format {EXPORT_FORMAT!r})")
-    return doc, raw
-
-
-def _listed(doc: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    return {f["key"]: f for f in doc.get("files") or [] if isinstance(f, dict) and "key" in f}
-
-
 def read_version(models_uri: str, name: str, version: str) -> VersionRef:
     """The :class:`VersionRef` of ``<models_uri>/<name>/<version>`` from its ``export.json``.
 
@@ -116,8 +100,8 @@ def read_version(models_uri: str, name: str, version: str) -> VersionRef:
     if not store.exists(MANIFEST):
         have = sorted({o.key.split("/")[0] for o in open_store(join_uri(models_uri, name)).list("") if o.key.endswith("/" + MANIFEST)})
         raise ValueError(f"model {name!r} has no version {version!r} under {models_uri} (no {MANIFEST}); it has {have}")
-    doc, raw = _manifest(store)
-    weights = _listed(doc).get(WEIGHTS)
+    doc, raw = read_export_manifest(store)
+    weights = listed_files(doc).get(WEIGHTS)
     if not weights or not weights.get("sha256"):
         raise ValueError(f"{store.url(MANIFEST)} lists no {WEIGHTS} with a sha256")
     if doc.get("name") != name or doc.get("version") != version:
@@ -143,12 +127,12 @@ def version_problem(ref: VersionRef, *, full: bool = True) -> str | None:
     try:
         if not store.exists(MANIFEST):
             return f"it was deleted ({store.url(MANIFEST)} does not exist)"
-        doc, raw = _manifest(store)
+        doc, raw = read_export_manifest(store)
         sha = hashlib.sha256(raw).hexdigest()
         if sha != ref.manifest_sha256:
             return f"{store.url(MANIFEST)} changed since it was recorded (sha256 {sha[:12]}..., recorded {ref.manifest_sha256[:12]}...)"
         sizes = {o.key: o.size for o in store.list("")}
-        for key, entry in sorted(_listed(doc).items()):
+        for key, entry in sorted(listed_files(doc).items()):
             if key not in sizes:
                 return f"{store.url(key)} is missing"
             if sizes[key] != entry.get("bytes"):
@@ -259,3 +243,18 @@ class Event:
             RunInfo.from_json(raw.get("run")), str(raw.get("reason", "")),
             ChampionRecord.from_json(raw["champion"]) if raw.get("champion") else None,
         )
+
+
+@dataclass(frozen=True)
+class VersionRow:
+    """One exported version of a model, with what the promotion log knows of it."""
+
+    ref: VersionRef
+    champion: bool
+    scores: dict[str, float]
+    """Its latest recorded scores (gated, rolled back to, or from its export's ``evaluation``); empty when none."""
+    random_init: dict[str, float]
+    eval_set: EvalSet | None
+    last_action: str
+    """The latest event about it as the candidate: ``promote``, ``reject``, ``rollback``; empty when never gated."""
+    last_seq: int

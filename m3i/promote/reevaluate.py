@@ -13,9 +13,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+from m3i.artifacts.evaluation import METRICS_FILE, EvalSet, Evaluation, evaluation_from_metrics
 from m3i.config import Config
 from m3i.promote.records import ChampionRecord
-from m3i.promote.scores import METRICS_FILE, EvalSet, Evaluation, evaluation_from_metrics
 from m3i.storage import StorageError, join_uri, open_store
 
 __all__ = ["reevaluate"]

@@ -9,9 +9,8 @@ from m3i.config.promote import SCORES, PromoteConfig
 from m3i.promote.gate import Decision
 
 if TYPE_CHECKING:
-    from m3i.promote.records import ChampionRecord, VersionRef
-    from m3i.promote.run import VersionRow
-    from m3i.promote.scores import Evaluation
+    from m3i.promote.records import ChampionRecord, VersionRef, VersionRow
+    from m3i.artifacts.evaluation import Evaluation
 
 __all__ = ["render_decision", "render_versions"]
 

@@ -21,20 +21,20 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from m3i.artifacts.evaluation import EvalSet, Evaluation, evaluation_from_metrics, read_evaluation
+from m3i.artifacts.export import MANIFEST
 from m3i.config import Config, to_dict
 from m3i.config.promote import PromoteConfig
-from m3i.export.exporter import MANIFEST
 from m3i.promote.errors import ChampionDamaged, PromoteError
 from m3i.promote.gate import Decision, Scored, gate
 from m3i.promote.ledger import EVALS, Ledger
-from m3i.promote.records import ChampionRecord, Event, RunInfo, VersionRef, read_version, version_problem
+from m3i.promote.records import ChampionRecord, Event, RunInfo, VersionRef, VersionRow, read_version, version_problem
 from m3i.promote.reevaluate import reevaluate
 from m3i.promote.report import render_decision, render_versions
-from m3i.promote.scores import EvalSet, Evaluation, evaluation_from_metrics, read_evaluation
 from m3i.storage import join_uri, open_store
 
 __all__ = [
-    "ModelVersions", "Plan", "PromotionResult", "RollbackResult", "VersionRow", "commit", "decide", "list_versions", "promote",
+    "ModelVersions", "Plan", "PromotionResult", "RollbackResult", "commit", "decide", "list_versions", "promote",
     "rollback",
 ]
 
@@ -99,21 +99,6 @@ class RollbackResult:
     event: Event
     registered: bool | None = None
     pushed: bool | None = None
-
-
-@dataclass(frozen=True)
-class VersionRow:
-    """One exported version of a model, with what the promotion log knows of it."""
-
-    ref: VersionRef
-    champion: bool
-    scores: dict[str, float]
-    """Its latest recorded scores (gated, rolled back to, or from its export's ``evaluation``); empty when none."""
-    random_init: dict[str, float]
-    eval_set: EvalSet | None
-    last_action: str
-    """The latest event about it as the candidate: ``promote``, ``reject``, ``rollback``; empty when never gated."""
-    last_seq: int
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from m3i.shard.index import INDEX_KEY, read_index
+from m3i.artifacts.dataset import INDEX_KEY, read_index
 from m3i.shard.collection import is_shard_key
 from m3i.storage import Store, StorageError, open_store
 from m3i.storage.base import sha256_file

@@ -11,7 +11,7 @@ Layout under ``<train.output>/checkpoints/``::
     step-00000500/complete.json            written LAST by rank 0, after every rank's upload
                                            succeeded: a checkpoint without it does not exist. It
                                            lists every file with its size and sha256
-                                           (see :mod:`m3i.train.manifest`)
+                                           (see :mod:`m3i.artifacts.checkpoint`)
 
 A save is collective: DeepSpeed writes into a node-local staging folder (after a check that it
 has room), the first process of each node hashes and uploads what its node wrote, all ranks
@@ -43,7 +43,7 @@ from m3i.config.train import CheckpointConfig
 from m3i.storage import StorageError, open_store
 from m3i.train import reshard
 from m3i.train.dist import DistInfo, all_ok, barrier, broadcast_object
-from m3i.train.manifest import (
+from m3i.artifacts.checkpoint import (
     MARKER,
     PREFIX,
     TAG,
@@ -57,8 +57,8 @@ from m3i.train.manifest import (
     tag_of,
     verify_file,
 )
+from m3i.artifacts.errors import UnsafeCheckpointError
 from m3i.train.safe_state import (
-    UnsafeCheckpointError,
     check_pickle,
     deepspeed_globals,
     load_legacy_rank_state,

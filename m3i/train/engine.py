@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from m3i.config import Config
+from m3i.models.groups import param_groups
 
 __all__ = [
     "SHM_COMM_OP",
@@ -132,23 +133,6 @@ def lr_lambda(cfg: Config, peak: float):
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return f
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: decay on weight matrices only; norms, biases, tokens and positions undecayed."""
-    skip = set(getattr(model, "no_weight_decay", lambda: set())())
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim <= 1 or name.endswith(".bias") or name in skip:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
 
 
 def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:

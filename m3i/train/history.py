@@ -4,12 +4,12 @@
     history.append({"step": 1, "lr": 1e-4, "loss": 2.3, "loss_img": 0.8, ...})
     history.flush_if_due()                                   # after each step: at most once a minute
     history.flush()                                          # before each checkpoint and at the end
-    rows = read_history("runs/demo")                         # [{"step": 1, ...}, ...] by step
+    rows = m3i.artifacts.read_history("runs/demo")           # [{"step": 1, ...}, ...] by step
 
 Object stores have no append, so the writer keeps the rows in memory and replaces the whole
 object on :meth:`History.flush` (one atomic put). A resumed run starts from the rows of the
 earlier attempt up to the step it resumed from, so steps that were trained but never reached a
-checkpoint are not kept twice. Readers keep the last row of each step and skip a torn line.
+checkpoint are not kept twice. The file's name and its readers are in :mod:`m3i.artifacts.run`.
 """
 
 from __future__ import annotations
@@ -20,14 +20,12 @@ import math
 import time
 from typing import Any
 
+from m3i.artifacts.run import HISTORY_FILE, read_history
 from m3i.storage import StorageError, open_store
 
-__all__ = ["FLUSH_SECONDS", "HISTORY_FILE", "History", "read_history", "parse_history", "render_history"]
+__all__ = ["FLUSH_SECONDS", "History", "render_history"]
 
 log = logging.getLogger(__name__)
-
-HISTORY_FILE = "history.jsonl"
-"""Name of the history object under the run's output (and in an export that carries it)."""
 
 FLUSH_SECONDS = 60.0
 """Longest time rows stay only in memory between checkpoints: a crash loses at most this much curve."""
@@ -40,37 +38,9 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def parse_history(text: str) -> list[dict[str, Any]]:
-    """Rows of a history file's text: the last row of each step, sorted by step; torn lines skipped."""
-    rows: dict[int, dict[str, Any]] = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue  # a line cut by a crash mid-write of an older, appending writer
-        if isinstance(row, dict) and isinstance(row.get("step"), int):
-            rows[row["step"]] = row
-    return [rows[s] for s in sorted(rows)]
-
-
 def render_history(rows: list[dict[str, Any]]) -> str:
-    """The text of a history file: one compact JSON object per line (what :func:`parse_history` reads)."""
+    """The text of a history file: one compact JSON object per line (what :func:`m3i.artifacts.parse_history` reads)."""
     return "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in rows)
-
-
-def read_history(uri: str) -> list[dict[str, Any]]:
-    """The history under ``uri`` (a run's output or an export folder); ``[]`` when there is none.
-
-    Raises:
-        m3i.storage.StorageError: When storage fails after retries.
-    """
-    store = open_store(uri)
-    if not store.exists(HISTORY_FILE):
-        return []
-    return parse_history(store.get_bytes(HISTORY_FILE).decode("utf-8", errors="replace"))
 
 
 class History:

@@ -12,7 +12,6 @@ import logging
 import random
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -21,6 +20,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from m3i import __version__
+from m3i.artifacts.run import SUMMARY_FILE, TrainSummary
 from m3i.config import Config, to_dict
 from m3i.data import ShardLoader
 from m3i.models import build_model, ema_momentum
@@ -49,22 +49,6 @@ class Preempted(RuntimeError):
 
 class TrainingDiverged(RuntimeError):
     """Too many non-finite losses in a row; nothing was saved after the first of them."""
-
-
-@dataclass
-class TrainSummary:
-    run_id: str
-    steps: int
-    resumed_from: int | None
-    samples: int
-    seconds: float
-    skipped_steps: int
-    last_parts: dict[str, float] = field(default_factory=dict)
-    checkpoint: str | None = None
-    data_stats: dict[str, int] = field(default_factory=dict)
-    overflow_steps: int = 0
-    """Optimizer steps DeepSpeed skipped for overflowing gradients (fp16 loss scaling; bf16 on inf/NaN
-    gradients): retried with the next batch, not counted in ``steps``."""
 
 
 def run_id_of(cfg: Config) -> str:
@@ -125,8 +109,11 @@ def init_backbone(cfg: Config, model: torch.nn.Module) -> dict[str, Any]:
             not this run's (the message lists what differs).
         m3i.storage.StorageError: When storage fails after retries.
     """
-    from m3i.evaluate.load import CHECKPOINT_MARKER, EXPORT_CONFIG, EXPORT_WEIGHTS, load_encoder
-    from m3i.train.checkpoint import find_latest
+    from m3i.artifacts.checkpoint import MARKER as CHECKPOINT_MARKER
+    from m3i.artifacts.checkpoint import find_latest
+    from m3i.artifacts.export import CONFIG as EXPORT_CONFIG
+    from m3i.artifacts.export import WEIGHTS as EXPORT_WEIGHTS
+    from m3i.models.pretrained import load_encoder
 
     uri = cfg.train.init_from
     store = open_store(uri)
@@ -436,9 +423,12 @@ def train(cfg: Config, info: DistInfo | None = None, progress: bool = True) -> T
         if history is not None and history.pending:  # only after a failure: every save flushed before it
             _flush_quietly(history)
 
-    summary = TrainSummary(run_id, step, resumed_from, samples, time.monotonic() - t_start, skipped, last, last_ckpt, loader.stats(), overflows)
+    summary = TrainSummary(
+        run_id, step, resumed_from, samples, time.monotonic() - t_start, skipped, last, last_ckpt, loader.stats(), overflows,
+        peak_lr(cfg, info.world_size), info.world_size,
+    )
     if info.is_main:
-        open_store(cfg.train.output).write_json("summary.json", summary.__dict__ | {"peak_lr": peak_lr(cfg, info.world_size), "world_size": info.world_size})
+        open_store(cfg.train.output).write_json(SUMMARY_FILE, summary.to_json())
         metrics.push_summary({"steps": step, "samples": samples, "seconds": summary.seconds, "skipped_steps": skipped, "overflow_steps": overflows, **{k: v for k, v in last.items() if k.startswith("loss")}})
     metrics.close()
     return summary

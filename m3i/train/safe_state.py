@@ -11,36 +11,35 @@ the trainer. ``torch.load(weights_only=False)`` unpickles whatever a file says, 
   gives an engine a checkpoint engine that reads them with ``weights_only=True`` and allows
   only the few DeepSpeed classes those files really contain (:func:`deepspeed_globals`).
 * :func:`check_pickle` refuses such a file from its opcodes alone, before anything is loaded.
+
+The refusal is :class:`m3i.artifacts.UnsafeCheckpointError`, the same wherever a checkpoint is
+read (resume here; ``train.init_from``, export and evaluate through :mod:`m3i.artifacts.zero`).
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import pickle
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from m3i.artifacts.errors import UnsafeCheckpointError
+from m3i.artifacts.zero import load_weights_only
+
 __all__ = [
-    "UnsafeCheckpointError",
     "check_pickle",
     "deepspeed_globals",
     "load_legacy_rank_state",
     "load_state",
-    "load_weights_only",
     "numpy_globals",
     "save_state",
     "use_weights_only",
 ]
 
 _META_KEY = "m3i_state"
-
-
-class UnsafeCheckpointError(RuntimeError):
-    """A checkpoint file holds something other than tensors and plain data (a planted pickle, a foreign format)."""
 
 
 def deepspeed_globals() -> list[Any]:
@@ -53,25 +52,6 @@ def deepspeed_globals() -> list[Any]:
     from deepspeed.utils.tensor_fragment import fragment_address
 
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-
-
-def load_weights_only(path: str | Path, map_location: Any = None, extra_globals: list[Any] | None = None) -> Any:
-    """``torch.load`` that allows only tensors, plain containers and ``extra_globals``.
-
-    Raises:
-        UnsafeCheckpointError: When the file holds anything else (the message names the file
-            and what torch refused).
-    """
-    try:
-        with torch.serialization.safe_globals(extra_globals or []):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UnsafeCheckpointError(
-            f"{path}: refused to unpickle it: it holds more than tensors and plain data ({first}); a file that "
-            "runs code when read is never loaded. If this file was not written by this m3i and DeepSpeed, it "
-            "was put there by someone else: check who can write the checkpoint bucket"
-        ) from None
 
 
 def use_weights_only(engine) -> None:

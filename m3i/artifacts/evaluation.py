@@ -1,4 +1,4 @@
-"""A model's scores as the gate reads them, and the fingerprint of the eval data set they were measured on.
+"""An evaluation's results: a model's scores as ``metrics.json`` holds them, and the fingerprint of the eval set.
 
     ev = read_evaluation("s3://m3i/evals/run-7")          # or a metrics.json dict of m3i evaluate
     ev.scores["probe.top1"], ev.random_init["probe.top1"]  # fractions in [0, 1]
@@ -7,6 +7,11 @@
 Two scores are comparable only when they were measured on the same labelled samples with the same
 scoring settings: the fingerprint covers the data set's ``index.json`` (its sha256 pins every shard's
 sha256), the two splits, and the kNN / probe (/ fine-tune) settings ``metrics.json`` records.
+
+Layout under ``evaluate.out`` (written by :func:`m3i.evaluate.evaluate`, ``metrics.json`` last)::
+
+    metrics.json            every score, the model and the data set scored (what this module reads)
+    kfp_metrics.json, confusion_matrix.json, report.md, confusion.png, loss_curves.png
 """
 
 from __future__ import annotations
@@ -17,15 +22,15 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from m3i.artifacts.dataset import INDEX_KEY
 from m3i.config.promote import SCORES
 from m3i.storage import StorageError, join_uri, open_store
 
-__all__ = ["EvalSet", "Evaluation", "evaluation_from_metrics", "flatten_scores", "read_evaluation"]
+__all__ = ["METRICS_FILE", "EvalSet", "Evaluation", "evaluation_from_metrics", "flatten_scores", "read_evaluation"]
 
 METRICS_FILE = "metrics.json"
 """What ``m3i evaluate`` writes last under ``evaluate.out``."""
 
-INDEX = "index.json"
 _PROTOCOL = {"knn": ("k", "temperature"), "probe": ("epochs", "lr", "weight_decay"), "finetune": ("steps", "lr", "batch_size")}
 """The settings of each method that ``metrics.json`` records beside its scores."""
 
@@ -92,7 +97,7 @@ def _index_sha256(data: Mapping[str, Any], where: str) -> str:
         return recorded
     shards = data.get("shards")
     try:
-        return open_store(str(shards)).sha256(INDEX)
+        return open_store(str(shards)).sha256(INDEX_KEY)
     except (StorageError, ValueError) as e:
         raise ValueError(
             f"{where}: cannot fingerprint the eval data set {shards!r} ({e}); scores on a data set that cannot be "

@@ -22,19 +22,26 @@ Every file is opened with ``torch.load(mmap=True, weights_only=True)``: only the
 the tensors actually read come into memory, so the optimizer moments and the other
 modules never do. DeepSpeed's own ``zero_to_fp32`` loads model-state files whole and
 concatenates whole ZeRO-1/2 partitions; this reader does neither and needs no DeepSpeed import.
+
+A file that holds more than tensors and plain data (a planted pickle) is refused with
+:class:`m3i.artifacts.UnsafeCheckpointError` before anything of it runs; one that does not read
+as a torch file at all with :class:`m3i.artifacts.DamagedArtifactError`. Both name the file.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import pickle
 import re
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 
-__all__ = ["BackboneReader", "load_state"]
+from m3i.artifacts.errors import UnsafeCheckpointError, damaged, first_line
+
+__all__ = ["MODEL_STATES", "BackboneReader", "load_state", "load_weights_only"]
 
 log = logging.getLogger(__name__)
 
@@ -69,16 +76,48 @@ _SAFE_GLOBALS = [
 ]
 
 
+def _refused(e: pickle.UnpicklingError) -> str:
+    """What torch refused, from its message (whose first line suggests loading the file unchecked: left out)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    named = [line for line in lines if "GLOBAL" in line or "Unsupported" in line]
+    return named[0] if named else type(e).__name__
+
+
+def load_weights_only(path: str | Path, map_location: Any = None, extra_globals: list[Any] | None = None, *, mmap: bool = False) -> Any:
+    """``torch.load`` that allows only tensors, plain containers and ``extra_globals``.
+
+    Raises:
+        UnsafeCheckpointError: When the file holds anything else (the message names the file
+            and what torch refused).
+    """
+    try:
+        with torch.serialization.safe_globals(extra_globals or []):
+            return torch.load(path, map_location=map_location, mmap=mmap, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(
+            f"{path}: refused to unpickle it: it holds more than tensors and plain data ({_refused(e)}); a file that "
+            "runs code when read is never loaded. If this file was not written by this m3i and DeepSpeed, it "
+            "was put there by someone else: check who can write the checkpoint bucket"
+        ) from None
+
+
 def load_state(path: str | Path) -> dict[str, Any]:
-    """``torch.load`` of a DeepSpeed checkpoint file, memory-mapped and weights-only."""
-    with torch.serialization.safe_globals(_SAFE_GLOBALS):
+    """``torch.load`` of a DeepSpeed checkpoint file, memory-mapped and weights-only.
+
+    Raises:
+        UnsafeCheckpointError: When the file holds more than tensors and plain data.
+        DamagedArtifactError: When it does not read as a torch file (truncated, or not one).
+    """
+    try:
         try:
-            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            return load_weights_only(path, "cpu", _SAFE_GLOBALS, mmap=True)
         except RuntimeError as e:
             if "mmap" not in str(e):
                 raise
             log.warning("%s is not in the zip format that mmap needs; loading it whole", path)
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return load_weights_only(path, "cpu", _SAFE_GLOBALS)
+    except (RuntimeError, EOFError) as e:  # torch's reader reports a cut or foreign file as RuntimeError
+        raise damaged("checkpoint file", str(path), f"it does not read as a torch file ({first_line(e)})") from None
 
 
 def _ranked(keys: list[str], pattern: re.Pattern[str]) -> list[tuple[int, str]]:
@@ -123,7 +162,7 @@ class BackboneReader:
         params: Names of the backbone's parameters in module order (what ``named_parameters`` gives);
             the EMA master list follows this order.
         group_names: For ZeRO-0 mixed-precision runs only: a callable returning the parameter names
-            of each optimizer group, in order (see :func:`m3i.train.engine.param_groups`).
+            of each optimizer group, in order (see :func:`m3i.models.optimizer_group_names`).
 
     Raises:
         ValueError: On a layout this reader does not know (model parallelism, a missing rank file).

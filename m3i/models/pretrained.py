@@ -1,15 +1,16 @@
-"""The image encoder to score, from an exported model or a raw training checkpoint.
+"""A pretrained image encoder, from an exported model or a raw training checkpoint.
 
     enc = load_encoder("s3://models/m3i-demo/v00000500-1a2b3c4d")    # exported: config.json + model.safetensors
     enc = load_encoder("runs/demo")                                   # a run: its latest complete checkpoint
     enc = load_encoder("runs/demo/checkpoints/step-00000500")         # one checkpoint
     feats = embed(enc.module, images)                                 # [N, 3, S, S] -> [N, D]
-    base = random_init(enc)                                           # same architecture, as training initialised it
 
-Either way the encoder is a plain timm ViT (``num_classes=0``). For a checkpoint it is the
-online encoder (``backbone.*``, the one ``M3IModel.encode`` runs), read in float32 by
-:class:`m3i.export.BackboneReader` (any ZeRO stage, world size and precision), exactly what
-``m3i export`` writes; :func:`embed` gives the same features as ``M3IModel.encode``.
+What ``m3i evaluate`` scores and ``train.init_from`` starts from. Either way the encoder is a
+plain timm ViT (``num_classes=0``). For a checkpoint it is the online encoder (``backbone.*``, the
+one ``M3IModel.encode`` runs), read in float32 by :class:`m3i.artifacts.zero.BackboneReader` (any
+ZeRO stage, world size and precision), exactly what ``m3i export`` writes; :func:`embed` gives the
+same features as ``M3IModel.encode``. The files are read through :mod:`m3i.artifacts`, so an
+unsafe or damaged one is refused there with :class:`m3i.artifacts.ArtifactError`.
 
 An export is built as timm builds it: ``config.json``'s ``architecture`` (timm's constructor)
 with its ``model_args``. ``Encoder.info["architecture"]`` names the network itself, for both
@@ -31,18 +32,19 @@ import timm
 import torch
 from torch import nn
 
+from m3i.artifacts.checkpoint import MARKER, find_latest, locate_checkpoint, run_output_of
+from m3i.artifacts.export import CONFIG, MANIFEST, PREFIXES, WEIGHTS, is_export, read_exported_config, read_exported_weights
+from m3i.artifacts.zero import BackboneReader
 from m3i.config import Config, from_dict
-from m3i.storage import open_store
+from m3i.models.groups import optimizer_group_names
+from m3i.models.registry import architecture_name, backbone_kwargs, create_backbone
+from m3i.storage import Store, open_store
 from m3i.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["Encoder", "embed", "load_encoder", "load_exported", "random_init", "read_exported_config"]
+__all__ = ["EVAL_CROP_PCT", "Encoder", "embed", "load_encoder", "load_exported"]
 
 log = logging.getLogger(__name__)
 
-EXPORT_CONFIG = "config.json"
-EXPORT_WEIGHTS = "model.safetensors"
-EXPORT_MANIFEST = "export.json"
-CHECKPOINT_MARKER = "complete.json"
 EVAL_CROP_PCT = 0.875
 """The default centre crop of :class:`m3i.transforms.EvalTransform` (timm/DeiT); an export's ``crop_pct`` wins."""
 
@@ -71,7 +73,7 @@ class Encoder:
     """``architecture`` (what the network is, e.g. ``vit_w96_d4_h3_p8_32``), ``timm_architecture`` (the
     timm name that constructs it), ``run_id``, and per source ``version`` or ``num_classes``."""
     build: Callable[[], nn.Module] | None = None
-    """Builds the same architecture with fresh weights drawn from the global torch RNG (see :func:`random_init`)."""
+    """Builds the same architecture with fresh weights drawn from the global torch RNG (see :func:`m3i.evaluate.random_init`)."""
     seed: int = 0
     """``torch.manual_seed`` that training called before building the model: ``train.seed`` of the run."""
     seed_source: str = "default"
@@ -85,31 +87,12 @@ class Encoder:
     the checkpoint's run config records it; empty when the model records none."""
 
 
-def random_init(encoder: Encoder) -> nn.Module:
-    """The encoder's architecture at random init, seeded as training seeds it, in eval mode on the CPU.
-
-    Training calls ``torch.manual_seed(train.seed)`` and then builds the model, backbone first
-    (:func:`m3i.train.train`, :class:`m3i.models.M3IModel`), so for a checkpoint this is the
-    backbone the run started from (unless ``train.init_from`` loaded other weights over it). The
-    caller's RNG state is left as it was.
-
-    Raises:
-        ValueError: When the encoder carries no ``build`` (one made by hand).
-    """
-    if encoder.build is None:
-        raise ValueError(f"the encoder from {encoder.uri or 'memory'} cannot be rebuilt at random init: it has no build")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(encoder.seed)
-        module = encoder.build()
-    return module.eval()
-
-
 def _recorded_seed(manifest: dict[str, Any]) -> tuple[int, str]:
     """The training seed an export's manifest records (``seed``, or ``train.seed`` of a ``train_config``); else 0."""
     seed = manifest.get("seed")
     if seed is None:
         seed = ((manifest.get("train_config") or {}).get("train") or {}).get("seed")
-    return (int(seed), EXPORT_MANIFEST) if isinstance(seed, int) else (0, "default")
+    return (int(seed), MANIFEST) if isinstance(seed, int) else (0, "default")
 
 
 def _recorded_data(manifest: dict[str, Any]) -> str:
@@ -123,25 +106,16 @@ def embed(module: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return module.forward_head(module.forward_features(images), pre_logits=True)
 
 
-def read_exported_config(uri: str) -> dict[str, Any]:
-    """``config.json`` of an exported model folder (local or ``s3://``).
-
-    Raises:
-        StorageError: When it is missing or not JSON.
-        ValueError: When it has no ``architecture``.
-    """
-    store = open_store(uri)
-    config = store.read_json(EXPORT_CONFIG)
-    if not isinstance(config, dict) or not config.get("architecture"):
-        raise ValueError(f"{store.url(EXPORT_CONFIG)} names no 'architecture'; is {uri!r} an `m3i export` folder?")
-    return config
-
-
 def _exported_args(config: dict[str, Any]) -> dict[str, Any]:
     """``timm.create_model`` keyword arguments of an export's ``config.json``."""
     args = dict(config.get("model_args") or {})
     args.update(pretrained=False, num_classes=0)
     return args
+
+
+def _manifest_of(store: Store) -> dict[str, Any]:
+    """``export.json`` (the export's manifest: the model's name, provenance and file list); ``{}`` in a bare folder."""
+    return store.read_json(MANIFEST) if store.exists(MANIFEST) else {}
 
 
 def load_exported(uri: str) -> nn.Module:
@@ -153,17 +127,21 @@ def load_exported(uri: str) -> nn.Module:
     Raises:
         StorageError: When a file is missing.
         ValueError: When the config names no architecture or the weights do not fit it.
+        m3i.artifacts.DamagedArtifactError: When ``model.safetensors`` is not the file ``export.json``
+            lists, or not a safetensors file.
     """
-    from safetensors.torch import load as load_safetensors
+    store = open_store(uri)
+    return _build_exported(store, read_exported_config(uri), _manifest_of(store))
 
-    config = read_exported_config(uri)
+
+def _build_exported(store: Store, config: dict[str, Any], manifest: dict[str, Any]) -> nn.Module:
     args = _exported_args(config)
     model = timm.create_model(config["architecture"], **args)
-    state = load_safetensors(open_store(uri).get_bytes(EXPORT_WEIGHTS))
+    state = read_exported_weights(store, manifest)
     try:
         model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     except RuntimeError as e:
-        raise ValueError(f"{uri}/{EXPORT_WEIGHTS} does not fit {config['architecture']} {args}: {e}") from None
+        raise ValueError(f"{store.uri}/{WEIGHTS} does not fit {config['architecture']} {args}: {e}") from None
     return model.eval()
 
 
@@ -183,8 +161,6 @@ def _exported_architecture(config: dict[str, Any], module: nn.Module) -> str:
     """What an exported network is: ``config.json``'s ``m3i_architecture``, else (an older export, whose
     ``architecture`` is only timm's constructor) the name :func:`m3i.models.registry.architecture_name`
     gives the loaded ``module``."""
-    from m3i.models.registry import architecture_name
-
     recorded = config.get("m3i_architecture")
     return recorded if isinstance(recorded, str) and recorded else architecture_name(module, config["architecture"])
 
@@ -192,10 +168,9 @@ def _exported_architecture(config: dict[str, Any], module: nn.Module) -> str:
 def _encoder_from_export(uri: str) -> Encoder:
     store = open_store(uri)
     config = read_exported_config(uri)
-    module = load_exported(uri)
+    manifest = _manifest_of(store)
+    module = _build_exported(store, config, manifest)
     network = _exported_architecture(config, module)
-    # export.json (the export's manifest) names the model and its provenance; absent in a bare folder.
-    manifest = store.read_json(EXPORT_MANIFEST) if store.exists(EXPORT_MANIFEST) else {}
     seed, seed_source = _recorded_seed(manifest)
     return Encoder(
         module=module,
@@ -216,38 +191,18 @@ def _encoder_from_export(uri: str) -> Encoder:
     )
 
 
-def _group_names(cfg: Config, num_classes: int):
-    """Parameter names of each optimizer group as training built them (ZeRO-0 mixed-precision checkpoints)."""
-
-    def names() -> list[list[str]]:
-        from m3i.models import build_model
-        from m3i.train.engine import param_groups
-
-        with torch.device("meta"):
-            model = build_model(cfg, num_classes=num_classes)
-        by_id = {id(p): n for n, p in model.named_parameters()}
-        return [[by_id[id(p)] for p in g["params"]] for g in param_groups(model, cfg.train.weight_decay)]
-
-    return names
-
-
 def _encoder_from_checkpoint(uri: str) -> Encoder:
     """The online encoder of a checkpoint, read in float32 by the exporter's reader (every ZeRO stage)."""
-    from m3i.export import PREFIXES, BackboneReader, locate_checkpoint
-    from m3i.train.checkpoint import run_output_of
-    from m3i.models import backbone_kwargs, create_backbone
-    from m3i.models.registry import architecture_name
-
     src = locate_checkpoint(uri)
     if not isinstance(src.manifest.get("config"), dict):
-        raise ValueError(f"checkpoint {src.uri} records no run config in its {CHECKPOINT_MARKER}; it cannot be rebuilt")
+        raise ValueError(f"checkpoint {src.uri} records no run config in its {MARKER}; it cannot be rebuilt")
     cfg: Config = from_dict(Config, src.manifest["config"], section="checkpoint config")
     module = create_backbone(cfg)
     params = [n for n, _ in module.named_parameters()]
     num_classes = int(src.manifest.get("num_classes") or 0)
     with tempfile.TemporaryDirectory(prefix="m3i-evaluate-") as tmp:
         src.local_dir = Path(tmp)  # files of an s3:// checkpoint are downloaded here (local ones read in place)
-        reader = BackboneReader(src.keys, src.path, PREFIXES["online"], params, group_names=_group_names(cfg, num_classes))
+        reader = BackboneReader(src.keys, src.path, PREFIXES["online"], params, group_names=optimizer_group_names(cfg, num_classes))
         state = {name: tensor.clone() for name, tensor in reader}
         del reader  # drops the memory maps before the folder goes
     module.load_state_dict(state, strict=True)
@@ -282,18 +237,17 @@ def load_encoder(uri: str) -> Encoder:
 
     Raises:
         ValueError: When ``uri`` is empty or holds none of the three, or the weights do not fit.
+        m3i.artifacts.ArtifactError: (a ``ValueError``) When a file is unsafe (a planted pickle) or damaged.
         StorageError: When storage fails after retries.
     """
     if not uri:
         raise ValueError("evaluate.model='' is not allowed; give an exported model, a checkpoint or a run folder")
     store = open_store(uri)
-    if store.exists(EXPORT_CONFIG) and store.exists(EXPORT_WEIGHTS):
+    if is_export(store):
         return _encoder_from_export(store.uri)
-    from m3i.train.checkpoint import find_latest
-
-    if store.exists(CHECKPOINT_MARKER) or find_latest(store.uri) is not None:
+    if store.exists(MARKER) or find_latest(store.uri) is not None:
         return _encoder_from_checkpoint(store.uri)
     raise ValueError(
-        f"evaluate.model={uri!r} holds neither an exported model ({EXPORT_CONFIG} + {EXPORT_WEIGHTS}), "
-        f"one checkpoint ({CHECKPOINT_MARKER}) nor a run with a complete checkpoint"
+        f"evaluate.model={uri!r} holds neither an exported model ({CONFIG} + {WEIGHTS}), "
+        f"one checkpoint ({MARKER}) nor a run with a complete checkpoint"
     )
