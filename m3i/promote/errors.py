@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Sequence
 
+from m3i.artifacts.errors import DamagedArtifactError
+
 if TYPE_CHECKING:
     from m3i.promote.records import Event
 
@@ -36,8 +38,10 @@ class PromotionConflict(PromoteError):
         )
 
 
-class ChampionDamaged(PromoteError):
+class ChampionDamaged(PromoteError, DamagedArtifactError):
     """The champion pointer names a version that is deleted or damaged.
+
+    Also a :class:`m3i.artifacts.DamagedArtifactError`: the one error of a damaged artifact, wherever it is read.
 
     Attributes:
         version: The champion's version.

@@ -21,6 +21,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from m3i.artifacts.errors import DamagedArtifactError
 from m3i.artifacts.evaluation import EvalSet, Evaluation, evaluation_from_metrics, read_evaluation
 from m3i.artifacts.export import MANIFEST
 from m3i.config import Config, to_dict
@@ -170,8 +171,8 @@ def decide(cfg: Config, candidate: str, metrics: Mapping[str, Any] | str, *, run
         The :class:`Plan`: the decision, its report, the log number to take.
 
     Raises:
-        ValueError: A candidate that is not an intact export, scores that are missing, not the
-            candidate's, or lack what the policy names, or a candidate that already is the champion.
+        ValueError: A candidate that is not an intact export (a :class:`m3i.artifacts.DamagedArtifactError`), scores
+            that are missing, not the candidate's, or lack what the policy names, or a candidate that already is the champion.
         ChampionDamaged: The champion pointer names a deleted or damaged version.
     """
     policy = cfg.promote
@@ -179,7 +180,7 @@ def decide(cfg: Config, candidate: str, metrics: Mapping[str, Any] | str, *, run
     ref = read_version(models_uri, name, version)
     problem = version_problem(ref)
     if problem:
-        raise ValueError(f"the candidate {ref.version} is damaged: {problem}")
+        raise DamagedArtifactError(f"the candidate {ref.version} is damaged: {problem}")
     evaluation = read_evaluation(metrics)
     _check_scores_are_the_candidates(evaluation, ref)
     fingerprint = evaluation.eval_set.fingerprint
