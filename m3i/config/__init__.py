@@ -11,9 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+import typing
 from typing import Any, Sequence
 
-from m3i.config.core import apply_overrides, from_dict, read_yaml_sections, to_dict
+from m3i.config.core import apply_overrides, cap_message, from_dict, read_yaml_sections, to_dict
 from m3i.config.data import DataConfig, ShardConfig
 from m3i.config.evaluate import EvaluateConfig
 from m3i.config.export import ExportConfig
@@ -114,9 +115,13 @@ def load_config(
 
     Raises:
         ValueError: On an unknown preset, section or key, a value a section rejects, or a
-            config file that is not a YAML mapping of sections (naming its line and column).
+            config file that is not a YAML mapping of sections (naming its line and column);
+            one line of at most about ``m3i.config.core.MAX_MESSAGE`` characters.
     """
-    return from_dict(Config, _raw_config(preset, config_file, overrides), section="config")
+    try:
+        return from_dict(Config, _raw_config(preset, config_file, overrides), section="config")
+    except ValueError as e:
+        _raise_capped(e)
 
 
 def is_set(key: str, preset: str | None = None, config_file: str | Path | None = None, overrides: Sequence[str] = ()) -> bool:
@@ -128,7 +133,10 @@ def is_set(key: str, preset: str | None = None, config_file: str | Path | None =
     Raises:
         ValueError: As :func:`load_config` does.
     """
-    node: Any = _raw_config(preset, config_file, overrides)
+    try:
+        node: Any = _raw_config(preset, config_file, overrides)
+    except ValueError as e:
+        _raise_capped(e)
     for part in key.split("."):
         if not isinstance(node, dict) or part not in node:
             return False
@@ -155,6 +163,14 @@ def _raw_config(preset: str | None, config_file: str | Path | None, overrides: S
             raise ValueError(f"{path}: byte {e.start} is not UTF-8 text; expected a YAML file") from None
         data = _merge(data, read_yaml_sections(text, str(path)))
     return apply_overrides(data, overrides)
+
+
+def _raise_capped(e: ValueError) -> typing.NoReturn:
+    """Raise ``e`` again, its message cut to one line of bounded length if a section's check built a longer one."""
+    text = cap_message(str(e))
+    if text == str(e):
+        raise e
+    raise ValueError(text) from None
 
 
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
