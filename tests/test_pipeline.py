@@ -345,7 +345,8 @@ def test_train_model_sends_a_job_with_every_setting(monkeypatch, tmp_path, launc
         seen["cfg"], seen["args"] = cfg, train_args
         open_store(str(tmp_path / "run")).write_json(
             "summary.json",
-            {"checkpoint": "ck", "steps": 5, "samples": 10, "skipped_steps": 0, "world_size": 16, "seconds": 1.0, "last_parts": {"loss": 1.0}},
+            {"run_id": "r1", "resumed_from": None, "checkpoint": "ck", "steps": 5, "samples": 10, "skipped_steps": 0,
+             "world_size": 16, "seconds": 1.0, "last_parts": {"loss": 1.0}},
         )
         return LaunchResult("kubernetes", "SUCCEEDED", handle="m3i:job-1")
 
