@@ -38,7 +38,7 @@ class Scored:
     random_init: Mapping[str, float] = field(default_factory=dict)
     """The same scores of its architecture at random init; empty when not measured."""
     fingerprint: str = ""
-    """:attr:`m3i.promote.scores.EvalSet.fingerprint` of the eval set."""
+    """:attr:`m3i.artifacts.EvalSet.fingerprint` of the eval set."""
 
 
 @dataclass(frozen=True)
