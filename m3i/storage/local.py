@@ -1,7 +1,14 @@
-"""A local folder as an object store (``/path`` or ``file:///path``)."""
+"""A local folder as an object store (``/path`` or ``file:///path``).
+
+A write that fails names the object's file: a full disk or quota (``ENOSPC``, ``EDQUOT``) fails
+``write`` or ``fsync`` with an ``OSError`` that carries no file name, and which file, so which
+disk, is what the person reading the error needs.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import shutil
@@ -11,11 +18,28 @@ from typing import BinaryIO, Iterator
 
 from m3i.storage.base import ObjectInfo, StorageError, Store
 
-__all__ = ["LocalStore"]
+__all__ = ["LocalStore", "naming"]
 
 _META_SUFFIX = ".m3i-meta.json"
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
+
+
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+"""Errnos only a write gets (no room, over quota, over the file size limit): naming the file written is right."""
+
+
+@contextlib.contextmanager
+def naming(path: str | os.PathLike) -> Iterator[None]:
+    """Within it, a disk-full ``OSError`` (:data:`_DISK_FULL`) raised without a file name is raised again
+    naming ``path``, same errno: ``[Errno 28] No space left on device: '/data/run/x'``. Other errors pass
+    as they are (a read error of a source file must not be blamed on the file written)."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None and e.errno in _DISK_FULL:
+            raise OSError(e.errno, e.strerror or os.strerror(e.errno), str(path)) from e
+        raise
 
 
 class LocalStore(Store):
@@ -46,7 +70,7 @@ class LocalStore(Store):
             # mkstemp makes 0600 files; objects get the usual mode under the umask, so a
             # reader running as another user (a shared volume) can read them.
             os.fchmod(fd, 0o666 & ~_UMASK)
-            with os.fdopen(fd, "wb") as f:
+            with naming(path), os.fdopen(fd, "wb") as f:
                 writer(f)
                 f.flush()
                 os.fsync(f.fileno())
@@ -76,7 +100,7 @@ class LocalStore(Store):
         fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
         try:
             os.fchmod(fd, 0o666 & ~_UMASK)
-            with os.fdopen(fd, "wb") as f:
+            with naming(path), os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
+from safetensors import SafetensorError
 
 from m3i.config.train import CheckpointConfig
 from m3i.storage import StorageError, open_store
@@ -117,6 +118,16 @@ def _gather_to_all(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def _free_space(folder: Path) -> str:
+    """``N bytes free there`` for the disk of ``folder`` (or its nearest existing parent), for an error message."""
+    for p in (folder, *folder.parents):
+        try:
+            return f"{shutil.disk_usage(p).free} bytes free there"
+        except OSError:
+            continue
+    return "free space unknown"
 
 
 def _numel(p) -> int:
@@ -202,8 +213,10 @@ class Checkpointer:
             save_state(rank_state, local / rank_file(self.info.rank))
             if reshard.applies(engine):
                 reshard.save_full_state(engine, local / reshard.FILE, client_state, self.info.is_main)
-        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
-            err = f"writing its files to the staging folder {local} failed: {e}"
+        except (OSError, RuntimeError, SafetensorError) as e:
+            # A full disk reaches here as torch.save's RuntimeError ("unexpected pos"), as safetensors'
+            # SafetensorError or as an OSError with no file name: the folder and its free space say which disk.
+            err = f"writing its files to the staging folder {local} failed ({_free_space(local)}): {e}"
             log.error("checkpoint %s: %s", tag, err)
         if not all_ok(not err):
             raise StorageError(f"checkpoint {tag} not saved: {err or 'writing failed on another rank'}")
