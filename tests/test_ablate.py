@@ -81,7 +81,7 @@ def _args(base, root, cfg, *extra: str) -> list[str]:
 @pytest.mark.slow
 def test_ablation_trains_every_arm_through_m3i_train_and_scores_its_curve(setup, monkeypatch):
     from experiments.ablation.cli import main
-    from m3i.train.checkpoint import find_latest
+    from m3i.artifacts import find_latest
 
     base, root, cfg = setup
     assert main(_args(base, root, cfg)) == 0

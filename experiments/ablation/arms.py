@@ -86,7 +86,7 @@ def stage_overrides(stage: Stage, *, seed: int, steps: int, output: str, curve_e
 
 def final_step(output: str) -> int | None:
     """Step of the latest complete checkpoint under a run output, ``None`` without one."""
-    from m3i.train.checkpoint import find_latest
+    from m3i.artifacts import find_latest
 
     ref = find_latest(output)
     return ref.step if ref is not None else None
@@ -112,7 +112,7 @@ def _train(config: str, overrides: list[str], output: str, threads: int) -> None
 
 def _loss_tail(output: str) -> dict[str, float]:
     """Mean loss parts over the last 10 % of a run's steps (from its history.jsonl)."""
-    from m3i.train.history import read_history
+    from m3i.artifacts import read_history
 
     by_step = {r["step"]: r for r in read_history(output) if "step" in r}
     rows = [by_step[s] for s in sorted(by_step)][-max(1, len(by_step) // 10) :]
@@ -154,9 +154,10 @@ def run_arm(job: ArmJob) -> dict[str, Any]:
     import torch  # here, not at import time: `--help` needs no torch
 
     from experiments.ablation.attributes import score_on_attributes
-    from m3i.evaluate import load_encoder, read_split_index
+    from m3i.artifacts import PREFIX, list_complete
+    from m3i.evaluate import read_split_index
+    from m3i.models.pretrained import load_encoder
     from m3i.storage import open_store
-    from m3i.train.checkpoint import PREFIX, list_complete
 
     torch.set_num_threads(job.threads)
     started, t0 = time.time(), time.monotonic()
@@ -193,8 +194,9 @@ def random_init_entry(cfg: Config, seed: int, sets: dict[str, str], threads: int
     import torch  # here, not at import time: `--help` needs no torch
 
     from experiments.ablation.attributes import score_on_attributes
-    from m3i.evaluate import Encoder, random_init, read_split_index
+    from m3i.evaluate import random_init, read_split_index
     from m3i.models import create_backbone
+    from m3i.models.pretrained import Encoder
 
     torch.set_num_threads(threads)
     started, t0 = time.time(), time.monotonic()

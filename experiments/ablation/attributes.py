@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 from m3i.config import EvaluateConfig, ShardConfig
 
 if TYPE_CHECKING:
-    from m3i.evaluate import Encoder
-    from m3i.shard.index import ShardIndex
+    from m3i.artifacts import ShardIndex
+    from m3i.models.pretrained import Encoder
 
 __all__ = ["ATTRIBUTES_FILE", "SOURCES", "attributes_sha256", "build_attribute_sets", "read_attributes", "score_on_attributes"]
 
@@ -158,7 +158,7 @@ def score_on_attributes(encoder: Encoder, sets: dict[str, ShardIndex], cfg: Eval
     """kNN and linear-probe scores of an encoder's frozen features on each attribute's data set.
 
     Args:
-        encoder: From :func:`m3i.evaluate.load_encoder` (a checkpoint) or built by hand.
+        encoder: From :func:`m3i.models.pretrained.load_encoder` (a checkpoint) or built by hand.
         sets: ``{attribute: index}`` of the data sets (:func:`m3i.evaluate.read_split_index`).
         cfg: Splits, kNN and probe settings.
 

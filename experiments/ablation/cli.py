@@ -69,6 +69,7 @@ def _run(args: argparse.Namespace, command: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ablation with these arguments (``sys.argv[1:]`` by default); returns the exit status."""
+    from m3i.artifacts import ArtifactError
     from m3i.storage import StorageError
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -78,6 +79,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return _run(args, shlex.join([*PROG.split(), *argv]))
+    except ArtifactError as e:  # an unsafe or damaged checkpoint: a failed run, as in m3i (before ValueError, its base)
+        print(f"{PROG}: failed: {' '.join(str(e).splitlines())}", file=sys.stderr)
+        return 1
     except ValueError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
