@@ -93,7 +93,7 @@ def run_case(name: str, cfg, model: nn.Module, batch, info, args) -> dict[str, f
     from m3i.models.flops import StepFlopCounter
     from m3i.train.ema import EMAUpdater
     from m3i.train.engine import build_engine
-    from m3i.train.loop import _sync_micro_batch
+    from m3i.train.trainer import sync_micro_batch
 
     cuda = info.device.type == "cuda"
     if cuda:
@@ -106,7 +106,7 @@ def run_case(name: str, cfg, model: nn.Module, batch, info, args) -> dict[str, f
 
     def step(i: int) -> None:
         parts = engine(batch)
-        finite, _, _ = _sync_micro_batch(parts["loss"], parts, False)  # the loop's one host sync
+        finite, _, _ = sync_micro_batch(parts["loss"], parts, False)  # the trainer's one host sync
         if not finite:
             raise RuntimeError(f"{name}: non-finite loss at step {i}")
         engine.backward(parts["loss"])

@@ -112,16 +112,16 @@ def _rewrite_manifest(ckpt: Path, drop: tuple[str, ...] = (), add: tuple[str, ..
 
 
 def _capture_metrics(monkeypatch) -> dict:
-    import m3i.metrics
+    from m3i.train import loop
 
     seen = {}
-    real = m3i.metrics.build_metrics
+    real = loop.build_metrics
 
     def build(*a, **kw):
         seen["metrics"] = real(*a, **kw)
         return seen["metrics"]
 
-    monkeypatch.setattr(m3i.metrics, "build_metrics", build)
+    monkeypatch.setattr(loop, "build_metrics", build)
     return seen
 
 
@@ -285,7 +285,7 @@ def _rewrite_manifest_marker(ckpt: Path) -> None:
 
 @pytest.mark.slow
 def test_checkpoint_without_hashes_and_with_a_pickled_rank_file_still_resumes_exactly(run, shards, tmp_path, monkeypatch):
-    from m3i.train import loop
+    from m3i.train import state as train_state
     from m3i.train.safe_state import load_state
 
     ckpt = _ckpt(run, 4)
@@ -294,8 +294,8 @@ def test_checkpoint_without_hashes_and_with_a_pickled_rank_file_still_resumes_ex
     torch.save(state, ckpt / "rank-00000.pt")  # as checkpoints before this change stored it
     _rewrite_manifest(ckpt, drop=("rank-00000.safetensors",), add=("rank-00000.pt",), sha=False)
     restored = {}
-    real = loop._set_rng_state
-    monkeypatch.setattr(loop, "_set_rng_state", lambda s: (restored.update(s), real(s)))
+    real = train_state._set_rng_state
+    monkeypatch.setattr(train_state, "_set_rng_state", lambda s: (restored.update(s), real(s)))
     summary = _train(tmp_path, shards, run, train={"steps": 5})
     assert summary.resumed_from == 4
     assert restored["python"] == state["rng"]["python"] and torch.equal(restored["torch"], state["rng"]["torch"])

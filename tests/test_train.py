@@ -346,7 +346,7 @@ def test_init_from_an_export_starts_the_run_from_exactly_its_backbone(shards, tm
 
 def test_init_from_a_run_folder_loads_its_latest_checkpoints_online_encoder(tmp_path):
     from m3i.models import build_model
-    from m3i.train.loop import init_backbone
+    from m3i.train.init_from import init_backbone
     from tests.test_export import _cfg, _fake_zero0_checkpoint
 
     cfg = _cfg(tmp_path)
@@ -374,7 +374,7 @@ def test_init_from_a_run_folder_loads_its_latest_checkpoints_online_encoder(tmp_
 )
 def test_init_from_another_encoder_is_a_value_error_saying_what_differs(tmp_path, sections, differs):
     from m3i.models import build_model
-    from m3i.train.loop import init_backbone
+    from m3i.train.init_from import init_backbone
     from tests.test_export import _cfg
 
     uri, _ = _export_of_a_fake_run(tmp_path, **sections)

@@ -168,13 +168,19 @@ class HostSyncs:
 
 
 def test_one_host_sync_per_optimizer_step_for_the_finite_check_and_the_logged_parts(shards, tmp_path, monkeypatch):
+    from pathlib import Path
+
     from m3i.train import loop
+    from m3i.train.history import History
 
     one_rank_here(monkeypatch)
-    syncs = HostSyncs(monkeypatch, os.path.join("m3i", "train", "loop.py"), os.path.join("m3i", "train", "dist.py"))
+    # Every file of the training loop and of its metrics (trainer, state, checkpointing, outputs, dist, ...).
+    package = Path(loop.__file__).resolve().parents[1]
+    files = [os.path.join("m3i", d, f.name) for d in ("train", "metrics") for f in sorted((package / d).glob("*.py"))]
+    syncs = HostSyncs(monkeypatch, *files)
     counts = []
-    real_append = loop.History.append
-    monkeypatch.setattr(loop.History, "append", lambda self, row: (counts.append(syncs.count), real_append(self, row))[1])
+    real_append = History.append
+    monkeypatch.setattr(History, "append", lambda self, row: (counts.append(syncs.count), real_append(self, row))[1])
     cfg = _cfg(tmp_path, shards, train={"steps": 4}, checkpoint={"interval_steps": 100})
     assert loop.train(cfg, progress=False).steps == 4
     per_step = [b - a for a, b in zip(counts, counts[1:])]
