@@ -1,4 +1,4 @@
-"""Checkpoints in object storage: atomic, verified, resumable on any world size, pruned; the checkpointer owns the policy.
+"""Checkpoints in object storage: atomic, verified, resumable on any world size, pruned.
 
 Layout under ``<train.output>/checkpoints/``::
 
@@ -18,8 +18,8 @@ has room), the first process of each node hashes and uploads what its node wrote
 agree that every upload succeeded, and only then does rank 0 write the completion marker and
 prune old checkpoints (marker first, so a half-deleted checkpoint is never "complete"). A save
 that fails leaves the previous checkpoint the latest, removes its staging files and raises
-:class:`StorageError` on every rank; the caller decides whether training goes on
-(:attr:`Checkpointer.give_up`).
+:class:`StorageError` on every rank. When to save, and whether training goes on after a failed
+save, is :class:`m3i.train.checkpointing.CheckpointManager`'s policy.
 
 A resume takes the newest checkpoint that verifies (marker, sizes, then sha256 and allowed
 pickle globals of every downloaded file); a newer one that does not is logged with the reason
@@ -68,6 +68,7 @@ from m3i.train.safe_state import (
     save_state,
     use_weights_only,
 )
+from m3i.train.staging import free_space, needed_bytes, room_problem
 
 __all__ = [
     "MARKER",
@@ -120,20 +121,6 @@ def _gather_to_all(obj: Any) -> list[Any]:
     return out
 
 
-def _free_space(folder: Path) -> str:
-    """``N bytes free there`` for the disk of ``folder`` (or its nearest existing parent), for an error message."""
-    for p in (folder, *folder.parents):
-        try:
-            return f"{shutil.disk_usage(p).free} bytes free there"
-        except OSError:
-            continue
-    return "free space unknown"
-
-
-def _numel(p) -> int:
-    return int(getattr(p, "ds_numel", p.numel()))  # ZeRO-3 leaves p.numel() at 0
-
-
 class Checkpointer:
     """Saves and restores a DeepSpeed engine plus per-rank state under ``<output>/checkpoints``.
 
@@ -150,20 +137,8 @@ class Checkpointer:
         base = Path(cfg.staging_dir) if cfg.staging_dir else Path(tempfile.gettempdir()) / "m3i-staging"
         self.staging = base / re.sub(r"[^A-Za-z0-9_.-]", "_", run_id)
         self.last_saved_step: int | None = None
-        self.failures_in_a_row = 0
-        """Saves that failed since the last one that succeeded."""
+        """The step of the last checkpoint this checkpointer saved or loaded."""
         self._last_staged_bytes: int | None = None
-
-    # -- policy -------------------------------------------------------------
-
-    def due(self, step: int) -> bool:
-        """Whether the interval policy asks for a checkpoint after ``step``."""
-        return step > 0 and step % self.cfg.interval_steps == 0 and step != self.last_saved_step
-
-    @property
-    def give_up(self) -> bool:
-        """Whether failed saves in a row reached ``checkpoint.max_consecutive_failures``: then the job must stop."""
-        return self.failures_in_a_row >= self.cfg.max_consecutive_failures
 
     def uri_of(self, step: int) -> str:
         """The URI of checkpoint ``step``."""
@@ -176,21 +151,17 @@ class Checkpointer:
 
         Raises:
             StorageError: On every rank when the save failed (no room in the staging folder, a
-                write or an upload failed); the previous checkpoint stays the latest, the staging
-                files are removed and :attr:`failures_in_a_row` counts it.
+                write, an upload or the marker failed); the previous checkpoint stays the latest
+                and the staging files are removed.
         """
         t0 = time.monotonic()
         tag = tag_of(step)
         local = self.staging / tag
         try:
             self._save(engine, step, tag, local, client_state, rank_state)
-        except StorageError:
-            self.failures_in_a_row += 1
-            raise
         finally:
             barrier()
             self._cleanup(local)
-        self.failures_in_a_row = 0
         self.last_saved_step = step
         return time.monotonic() - t0
 
@@ -198,7 +169,7 @@ class Checkpointer:
         err = ""
         if self.info.local_rank == 0:
             shutil.rmtree(local, ignore_errors=True)
-            err = self._room_problem(engine)
+            err = room_problem(self.staging, needed_bytes(engine, self.info, self._last_staged_bytes))
         if self.info.is_main and not err:
             # A damaged checkpoint of this step that a resume skipped: its old marker must not
             # vouch for the files about to replace its own.
@@ -216,7 +187,7 @@ class Checkpointer:
         except (OSError, RuntimeError, SafetensorError) as e:
             # A full disk reaches here as torch.save's RuntimeError ("unexpected pos"), as safetensors'
             # SafetensorError or as an OSError with no file name: the folder and its free space say which disk.
-            err = f"writing its files to the staging folder {local} failed ({_free_space(local)}): {e}"
+            err = f"writing its files to the staging folder {local} failed ({free_space(local)}): {e}"
             log.error("checkpoint %s: %s", tag, err)
         if not all_ok(not err):
             raise StorageError(f"checkpoint {tag} not saved: {err or 'writing failed on another rank'}")
@@ -239,41 +210,6 @@ class Checkpointer:
             raise StorageError(f"checkpoint {tag} was not completed: {err or 'writing the marker failed on rank 0'}")
         if self.info.local_rank == 0:
             self._last_staged_bytes = sum(f["bytes"] for f in files)
-
-    def _room_problem(self, engine) -> str:
-        """Why the staging folder cannot take this save (a message naming folder, free and needed bytes); ``""`` if it can."""
-        try:
-            self.staging.mkdir(parents=True, exist_ok=True)
-            free = shutil.disk_usage(self.staging).free
-        except OSError as e:
-            log.error("checkpoint: staging folder %s: %s", self.staging, e)
-            return f"the staging folder {self.staging} is not usable: {e}"
-        need = self._needed_bytes(engine)
-        if free < need:
-            msg = (
-                f"the staging folder {self.staging} has {free} bytes free, the checkpoint needs about {need} bytes "
-                "(set checkpoint.staging_dir to a larger node-local disk)"
-            )
-            log.error("checkpoint: %s", msg)
-            return msg
-        return ""
-
-    def _needed_bytes(self, engine) -> int:
-        """What this node's staging folder must hold: the last save's size, else an estimate, plus a margin."""
-        if self._last_staged_bytes is not None:
-            return int(self._last_staged_bytes * 1.1)
-        params = list(engine.module.parameters())
-        total = sum(_numel(p) for p in params)
-        trainable = sum(_numel(p) for p in params if p.requires_grad)
-        weights = sum(_numel(p) * p.element_size() for p in params) + sum(b.numel() * b.element_size() for b in engine.module.buffers())
-        # fp32 master + Adam's two moments; the EMA master (float32 copy of the frozen target);
-        # and the world-size-independent copy of ZeRO-1/2/3 (the same again, plus frozen weights).
-        need = weights + 12 * trainable + 4 * (total - trainable)
-        if reshard.applies(engine):
-            need += 12 * trainable + 8 * (total - trainable)
-        if self.info.node_rank != 0:  # rank 0's node writes the unpartitioned files
-            need = need * self.info.local_world_size // max(1, self.info.world_size)
-        return int(need * 1.1)
 
     def _upload(self, local: Path, prefix: str) -> list[dict[str, Any]]:
         """Hash and upload every staged file of this node; returns their manifest entries."""
