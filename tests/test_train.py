@@ -166,7 +166,7 @@ def _cfg_here(tmp_path, shards, out, name="c", **sections):
     return load_config(None, write_train_config(tmp_path / f"{name}.yaml", shards, str(out), **sections))
 
 
-def _in_process_train(monkeypatch, tmp_path, shards, bad_calls, checkpoint=None, **train):
+def _in_process_train(monkeypatch, tmp_path, shards, bad_calls, checkpoint=None, metrics=None, **train):
     """Train in this process (one rank) with NaN losses on the given forward calls."""
     from m3i.train import loop
 
@@ -190,7 +190,7 @@ def _in_process_train(monkeypatch, tmp_path, shards, bad_calls, checkpoint=None,
 
     monkeypatch.setattr(loop, "build_model", build_with_nans)
     out = tmp_path / "run"
-    cfg = _cfg_here(tmp_path, shards, out, train=train, checkpoint=checkpoint or {})
+    cfg = _cfg_here(tmp_path, shards, out, train=train, checkpoint=checkpoint or {}, metrics=metrics or {})
     return out, lambda: loop.train(cfg, progress=False)
 
 
@@ -199,6 +199,39 @@ def test_a_nan_loss_skips_the_step_and_is_counted(shards, tmp_path, monkeypatch)
     summary = run()
     assert summary.steps == 4 and summary.skipped_steps == 1
     assert json.loads((out / "summary.json").read_text())["skipped_steps"] == 1
+
+
+def _port_is_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # scrapes leave TIME_WAIT entries behind
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def test_a_failed_run_or_start_frees_its_metrics_port(shards, tmp_path, monkeypatch):
+    """The metrics endpoint is closed however training ends: diverged, or a resume that finds nothing intact."""
+    from m3i.storage import StorageError
+    from m3i.train import TrainingDiverged, loop
+    from tests.prometheus import free_port
+
+    port = free_port()
+    metrics = {"port": port, "host": "127.0.0.1"}
+    out, run = _in_process_train(monkeypatch, tmp_path, shards, set(range(3, 100)), steps=6, max_bad_steps=2, metrics=metrics)
+    with pytest.raises(TrainingDiverged):
+        run()
+    assert _port_is_free(port)
+    ds = out / "checkpoints" / "step-00000002" / "ds" / "mp_rank_00_model_states.pt"
+    data = bytearray(ds.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size: found when the resume downloads and hashes it, after metrics started
+    ds.write_bytes(bytes(data))
+    with pytest.raises(StorageError, match=r"no checkpoint .* from step-00000002 down verifies"):
+        loop.train(_cfg_here(tmp_path, shards, out, name="again", train={"steps": 6}, metrics=metrics), progress=False)
+    assert _port_is_free(port)
 
 
 def test_nan_losses_in_a_row_abort_without_saving(shards, tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ import hashlib
 import logging
 import random
 import time
+from contextlib import ExitStack
 from typing import Any
 
 import numpy as np
@@ -104,13 +105,16 @@ def build_trainer(cfg: Config, info: DistInfo, run_id: str, *, progress: bool = 
     engine, _, scheduler = build_engine(cfg, model, info.world_size)
     ema = EMAUpdater(engine.module, zero3=cfg.train.zero_stage == 3, fp32_master=cfg.train.precision in ("bf16", "fp16"))
     peak = peak_flops(torch.cuda.get_device_name(info.device), cfg.train.precision, cfg.train.allow_tf32) if info.device.type == "cuda" else None
-    metrics = build_metrics(cfg.metrics, info.rank, info.local_rank, run_id, world_size=info.world_size, model=cfg.model.backbone, peak_flops=peak)
     state = TrainState(loader, info.world_size)
-    if ref is not None:  # falls back to an older checkpoint when this one does not verify
-        restored = restore(checkpointer, ref, engine=engine, ema=ema, state=state)
-        init_from = (restored.client_state.get("meta") or {}).get("init_from")  # the first attempt's weights stay on record
-    history = History(cfg.train.output, resumed_from=state.resumed_from) if info.is_main else None
-    outputs = build_outputs(cfg, info.is_main, metrics, history, progress=progress, initial_step=state.step)
+    with ExitStack() as if_this_fails:  # the endpoint and reporter threads must not outlive a failed start
+        metrics = build_metrics(cfg.metrics, info.rank, info.local_rank, run_id, world_size=info.world_size, model=cfg.model.backbone, peak_flops=peak)
+        if_this_fails.callback(metrics.close)
+        if ref is not None:  # falls back to an older checkpoint when this one does not verify
+            restored = restore(checkpointer, ref, engine=engine, ema=ema, state=state)
+            init_from = (restored.client_state.get("meta") or {}).get("init_from")  # the first attempt's weights stay on record
+        history = History(cfg.train.output, resumed_from=state.resumed_from) if info.is_main else None
+        outputs = build_outputs(cfg, info.is_main, metrics, history, progress=progress, initial_step=state.step)
+        if_this_fails.pop_all()  # from here on the trainer closes them, in its finally
     checkpoints = CheckpointManager(
         checkpointer, cfg.checkpoint, info, engine=engine, ema=ema, state=state, meta=_run_meta(cfg, run_id, num_classes, loader, init_from),
         flush_history=history.flush if history is not None else None, on_save=outputs.on_checkpoint,

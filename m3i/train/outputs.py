@@ -178,14 +178,18 @@ def build_outputs(cfg: Config, is_main: bool, metrics: Output, history: History 
         progress: A progress bar (else a log line every ``train.log_every`` steps).
         initial_step: The step training starts from (where the bar starts).
     """
-    outputs: list[Output] = [metrics]
-    if history is not None:
-        outputs.append(HistoryOutput(history))
-    status = build_trainer_status(cfg.metrics, is_main)  # None outside a Kubeflow TrainJob
-    if status is not None:
-        outputs.append(TrainerStatusOutput(status))
-    if is_main and progress:
-        outputs.append(ProgressBar(cfg.train.steps, initial_step, cfg.train.log_every))
-    elif is_main:
-        outputs.append(LogLine(cfg.train.log_every))
-    return Outputs(outputs)
+    outputs = Outputs([metrics])
+    try:
+        if history is not None:
+            outputs.outputs.append(HistoryOutput(history))
+        status = build_trainer_status(cfg.metrics, is_main)  # None outside a Kubeflow TrainJob
+        if status is not None:
+            outputs.outputs.append(TrainerStatusOutput(status))
+        if is_main and progress:
+            outputs.outputs.append(ProgressBar(cfg.train.steps, initial_step, cfg.train.log_every))
+        elif is_main:
+            outputs.outputs.append(LogLine(cfg.train.log_every))
+    except BaseException:
+        outputs.close()  # what was built so far (a reporter's thread) must not outlive the failure
+        raise
+    return outputs
