@@ -104,7 +104,7 @@ class Trainer:
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
         self.global_samples = cfg.data.batch_size * info.world_size  # of one micro-batch, every rank
         self.micro_flops: int | None = None  # model FLOPs of one micro-batch on this rank, counted on the first one
-        self.sigterm: SigTerm | None = None
+        self.sigterm: SigTerm | None = None  # the handler, installed while train() runs
         self.stop = False  # SIGTERM reached some rank: save and stop at this step boundary
         self._batches = self._forever()
 
@@ -185,7 +185,8 @@ class Trainer:
         with counter:
             parts = self.engine(batch)
             loss = parts["loss"]
-            finite, no_sigterm, host = sync_micro_batch(loss, parts if boundary else None, self.sigterm is not None and self.sigterm.received)
+            sigterm = self.sigterm is not None and self.sigterm.received
+            finite, no_sigterm, host = sync_micro_batch(loss, parts if boundary else None, sigterm)
             if finite:
                 self.engine.backward(loss)
         if finite and self.micro_flops is None:
