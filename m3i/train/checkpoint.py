@@ -49,10 +49,7 @@ from m3i.artifacts.checkpoint import (
     PREFIX,
     TAG,
     CheckpointRef,
-    find_latest,
-    list_complete,
     manifest_problem,
-    run_output_of,
     scan,
     sha256_of,
     tag_of,
@@ -77,9 +74,6 @@ __all__ = [
     "CheckpointRef",
     "Restored",
     "UnsafeCheckpointError",
-    "find_latest",
-    "list_complete",
-    "run_output_of",
 ]
 
 log = logging.getLogger(__name__)
