@@ -22,7 +22,6 @@ loaded network, as for a checkpoint.
 from __future__ import annotations
 
 import functools
-import logging
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,8 +41,6 @@ from m3i.storage import Store, open_store
 from m3i.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["EVAL_CROP_PCT", "Encoder", "embed", "load_encoder", "load_exported"]
-
-log = logging.getLogger(__name__)
 
 EVAL_CROP_PCT = 0.875
 """The default centre crop of :class:`m3i.transforms.EvalTransform` (timm/DeiT); an export's ``crop_pct`` wins."""
