@@ -21,9 +21,10 @@ import logging
 import time
 from typing import Any, Callable
 
+from m3i.artifacts import CheckpointRef
 from m3i.config.train import CheckpointConfig
 from m3i.storage import StorageError
-from m3i.train.checkpoint import Checkpointer, CheckpointRef, Restored
+from m3i.train.checkpoint import Checkpointer, Restored
 from m3i.train.dist import DistInfo, all_ok
 from m3i.train.ema import EMAUpdater
 from m3i.train.preemption import SigTerm
