@@ -30,8 +30,9 @@ class StepReport:
     """The learning rate the step applied."""
 
     samples: int
-    """Samples the step trained on, as the trainer counts them: ``data.batch_size`` x world size x
-    ``train.grad_accum``."""
+    """Samples this rank trained on in the step: ``data.batch_size`` x ``train.grad_accum``. Per rank,
+    like ``branch_samples`` and ``flops``, so that summing ``m3i_train_samples_total`` over ranks
+    (the dashboards' ``sum by (run_id)``) gives the run's samples."""
 
     seconds: float
     """Wall time of the step from its first micro-batch's arrival, data wait included."""

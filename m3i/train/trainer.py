@@ -226,7 +226,7 @@ class Trainer:
             steps=cfg.train.steps,
             parts=parts,
             lr=lr,
-            samples=self.global_samples * accum,
+            samples=cfg.data.batch_size * accum,  # this rank's, as the metrics count per rank
             seconds=time.monotonic() - t_first,
             data_wait_seconds=wait,
             time=time.time(),
