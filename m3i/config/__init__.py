@@ -3,7 +3,13 @@
     cfg = load_config("demo", config_file=None, overrides=["data.batch_size=32"])
 
 Precedence, lowest first: dataclass defaults, the named preset (``m3i/presets/*.yaml``),
-``--config FILE``, then each ``--set section.key=value`` in order.
+``--config FILE``, then each ``--set section.key=value`` in order, then typed ``values``::
+
+    cfg = load_config("demo", overrides=args.overrides, values={"train.steps": 5})   # checked as --set is
+    cfg = with_values(cfg, {"data.shards": uri})                                      # the same, on a built config
+
+Values stay typed inside a process; :func:`m3i.config.overrides.command_line` and
+``override_strings`` turn them into ``--set`` text where another process starts.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from m3i.config.export import ExportConfig
 from m3i.config.launch import LaunchConfig
 from m3i.config.metrics import MetricsConfig
 from m3i.config.model import ModelConfig, ObjectiveConfig
+from m3i.config.overrides import command_line, override_strings, set_values
 from m3i.config.promote import PromoteConfig
 from m3i.config.train import CheckpointConfig, TrainConfig
 
@@ -37,10 +44,13 @@ __all__ = [
     "PromoteConfig",
     "ShardConfig",
     "TrainConfig",
+    "command_line",
     "is_set",
     "load_config",
     "list_presets",
+    "override_strings",
     "to_dict",
+    "with_values",
 ]
 
 
@@ -102,13 +112,16 @@ def load_config(
     preset: str | None = None,
     config_file: str | Path | None = None,
     overrides: Sequence[str] = (),
+    values: typing.Mapping[str, Any] | None = None,
 ) -> Config:
     """Build a validated :class:`Config`.
 
     Args:
         preset: Name of a packaged preset (see :func:`list_presets`), or ``None``.
         config_file: A YAML file with the same sections, applied over the preset.
-        overrides: ``section.key=value`` strings applied last (values parsed as YAML).
+        overrides: ``section.key=value`` strings applied next (values parsed as YAML).
+        values: ``{"section.key": value}`` applied last, as Python values (a command's flags, a
+            pipeline step's arguments); checked together with the rest, as ``--set`` is.
 
     Returns:
         The frozen, validated config.
@@ -119,7 +132,36 @@ def load_config(
             one line of at most about ``m3i.config.core.MAX_MESSAGE`` characters.
     """
     try:
-        return from_dict(Config, _raw_config(preset, config_file, overrides), section="config")
+        return from_dict(Config, set_values(_raw_config(preset, config_file, overrides), values or {}), section="config")
+    except ValueError as e:
+        _raise_capped(e)
+
+
+_Cfg = typing.TypeVar("_Cfg")
+
+
+def with_values(cfg: _Cfg, values: typing.Mapping[str, Any]) -> _Cfg:
+    """``cfg`` (a :class:`Config` or one of its sections) with each ``section.key`` of ``values`` set.
+
+    Checked as ``load_config`` checks a ``--set``: the value coerced to the field's type, the
+    section's and the whole config's checks run again, and an error names the key::
+
+        with_values(cfg, {"train.steps": 5, "data.shards": "s3://b/ds"})
+        with_values(cfg.shard, {"shard.out": "/tmp/s", "shard.eval_fraction": 0.0})   # a section: its own keys
+
+    Raises:
+        ValueError: An unknown section or key, a key of another section, or a value the field or a check refuses.
+    """
+    try:
+        if isinstance(cfg, Config):
+            return from_dict(Config, set_values(to_dict(cfg), values), section="config")
+        name = _SECTIONS.get(type(cfg))
+        if name is None:
+            raise TypeError(f"with_values takes a Config or one of its sections, not {type(cfg).__name__}")
+        for key in values:
+            if not (isinstance(key, str) and key.startswith(f"{name}.")):
+                raise ValueError(f"override key {key!r} is not in section {name!r}, the one given")
+        return from_dict(type(cfg), set_values({name: to_dict(cfg)}, values)[name], section=f"config.{name}")
     except ValueError as e:
         _raise_capped(e)
 
@@ -142,6 +184,10 @@ def is_set(key: str, preset: str | None = None, config_file: str | Path | None =
             return False
         node = node[part]
     return True
+
+
+_SECTIONS: dict[type, str] = {tp: name for name, tp in typing.get_type_hints(Config).items()}
+"""Section class -> its name in :class:`Config` (``ShardConfig`` -> ``shard``)."""
 
 
 def _raw_config(preset: str | None, config_file: str | Path | None, overrides: Sequence[str]) -> dict[str, Any]:

@@ -3,10 +3,31 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Collection, Mapping, Sequence
 
 from m3i.config.core import MAX_BATCH, MAX_COUNT, check_choice, check_range
 
-__all__ = ["ShardConfig", "DataConfig"]
+__all__ = ["INPUT_KINDS", "ShardConfig", "DataConfig", "input_values"]
+
+INPUT_KINDS = ("labelled", "captions", "unlabelled", "eval_labelled", "webdataset")
+"""The kinds of raw input of ``shard``: its fields, the pipeline's parameters and (``-`` for ``_``) the flags."""
+
+
+def input_values(given: Mapping[str, Sequence[str] | None], *, keep: Collection[str] = ()) -> dict[str, list[str]]:
+    """``{"shard.<kind>": paths}`` for raw inputs that are the whole input.
+
+    The one rule wherever inputs are given (``m3i shard``'s flags, the pipeline's parameters, the
+    ablation's data): a kind not given is empty, so a preset's or config file's own paths (the
+    demo's) are never mixed in. Kinds in ``keep`` that are not given are left out instead (their
+    value stays as set elsewhere: ``m3i shard`` keeps what ``--set shard.<kind>=...`` gave).
+
+    Raises:
+        ValueError: A kind that is not one of :data:`INPUT_KINDS`.
+    """
+    unknown = set(given) - set(INPUT_KINDS)
+    if unknown:
+        raise ValueError(f"sources has kinds {sorted(unknown)}; allowed kinds are {list(INPUT_KINDS)}")
+    return {f"shard.{k}": list(given.get(k) or []) for k in INPUT_KINDS if given.get(k) or k not in keep}
 
 
 @dataclass(frozen=True)
