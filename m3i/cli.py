@@ -18,32 +18,17 @@ unsafe or damaged artifact (:class:`m3i.artifacts.ArtifactError`), in one line w
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
 from typing import Sequence
 
 from m3i import __version__
+from m3i.cli_args import config_args, config_of, shard_input_args, shard_input_values, train_args
 
 __all__ = ["main", "build_parser"]
 
 log = logging.getLogger("m3i")
-
-
-def _config_args(p: argparse.ArgumentParser, default_preset: str | None = None) -> None:
-    g = p.add_argument_group("config")
-    g.add_argument("--preset", default=default_preset, help="packaged preset (default: %(default)s)")
-    g.add_argument("--config", metavar="FILE", help="YAML file of sections, applied over the preset")
-    g.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override one value (repeatable)"
-    )
-
-
-def _load(args: argparse.Namespace, extra: Sequence[str] = ()):
-    from m3i.config import load_config
-
-    return load_config(args.preset, args.config, [*args.overrides, *extra])
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
@@ -61,25 +46,12 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 def cmd_shard(args: argparse.Namespace) -> int:
     from m3i.shard import shard
 
-    given = {
-        "labelled": args.labelled, "captions": args.captions, "unlabelled": args.unlabelled,
-        "eval_labelled": args.eval_labelled, "webdataset": args.webdataset,
-    }
-    # Inputs on the command line are the whole input: a preset's own paths (the demo's) are not mixed in.
-    set_by_hand = {o.split("=", 1)[0].strip() for o in args.overrides}
-    inputs = [
-        f"shard.{k}={json.dumps(v or [])}" for k, v in given.items() if any(given.values()) and (v or f"shard.{k}" not in set_by_hand)
-    ]
-    extra = [
-        *inputs,
-        *([f"shard.out={args.out}"] if args.out else []),
-        *([f"shard.eval_fraction={args.eval_fraction}"] if args.eval_fraction is not None else []),
-    ]
+    values = {**shard_input_values(args), **({"shard.out": args.out} if args.out else {})}
     if args.verify:
-        if any(given.values()) or args.eval_fraction is not None:
+        if set(values) - {"shard.out"}:
             raise ValueError("shard --verify checks the data set at shard.out against its index; it takes no inputs")
-        return _verify_shards(_load(args, extra).shard.out)
-    cfg = _load(args, extra)
+        return _verify_shards(config_of(args, values).shard.out)
+    cfg = config_of(args, values)
     index = shard(cfg.shard, progress=not args.quiet)
     _print_index(index)
     return 0
@@ -136,6 +108,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """The main job on built-in demo data, end to end on this machine."""
     from pathlib import Path
 
+    from m3i.config import command_line
+    from m3i.config.data import input_values
     from m3i.data import build_loader
     from m3i.demo import make_demo_data
     from m3i.launch import launch
@@ -146,19 +120,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     paths = make_demo_data(raw)
     print(f"[1/4] demo data: {raw} ({time.monotonic() - t0:.1f}s)")
-    placed = [
-        f"data.shards={root / 'shards'}",
-        f"train.output={root / 'run'}",
-    ]
-    extra = [
-        f"shard.out={root / 'shards'}",
-        f"shard.labelled={json.dumps([paths['labelled']])}",
-        f"shard.captions={json.dumps([paths['captions']])}",
-        f"shard.unlabelled={json.dumps([paths['unlabelled']])}",
-        f"shard.eval_labelled={json.dumps([paths['eval']])}",
-        *placed,
-    ]
-    cfg = _load(args, extra)
+    placed = {"data.shards": str(root / "shards"), "train.output": str(root / "run")}
+    inputs = {"labelled": [paths["labelled"]], "captions": [paths["captions"]], "unlabelled": [paths["unlabelled"]], "eval_labelled": [paths["eval"]]}
+    cfg = config_of(args, {"shard.out": str(root / "shards"), **input_values(inputs), **placed})
     index = shard(cfg.shard, progress=not args.quiet)
     print("[2/4] shards:")
     _print_index(index)
@@ -172,15 +136,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"[3/4] loader: one epoch of split {cfg.data.split!r}: {len(loader)} batches x {cfg.data.batch_size} = {n} images "
         f"at {cfg.data.image_size}px in {dt:.2f}s ({n / dt:.0f} images/s, {cfg.data.num_workers} workers); failures {loader.stats()}"
     )
-    # Training runs as the product runs it: m3i launch -> torchx -> torchrun -> m3i train.
-    train_args = ["--no-progress", *(["--preset", args.preset] if args.preset else []), *(["--config", args.config] if args.config else [])]
-    for o in [*args.overrides, *placed]:
-        train_args += ["--set", o]
+    # Training runs as the product runs it: m3i launch -> torchx -> torchrun -> m3i train (a process boundary: text).
+    train_argv = ["--no-progress", *command_line(args.preset, args.config, args.overrides, placed)]
     print(f"[4/4] train: {cfg.launch.nodes}x{cfg.launch.nproc_per_node} processes via torchx {cfg.launch.scheduler}, {cfg.train.steps} steps")
     t0 = time.monotonic()
     log_path = root / "train.log"
     with open(log_path, "w") as log_file:
-        result = launch(cfg.launch, train_args, log=log_file if args.quiet else _Tee(log_file, sys.stdout))
+        result = launch(cfg.launch, train_argv, log=log_file if args.quiet else _Tee(log_file, sys.stdout))
     if not result.ok:
         tail = log_path.read_text().splitlines()[-40:]
         print(f"m3i demo: training {result.state} ({result.handle}); last lines of {log_path}:", file=sys.stderr)
@@ -204,7 +166,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from m3i.train import Preempted, train
 
-    cfg = _load(args)
+    cfg = config_of(args)
     # train() chooses the device first (train.device): CUDA asked for and unusable raises
     # DeviceUnavailable, a RuntimeError whose one line main() prints with exit 1.
     try:
@@ -228,11 +190,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     """A checkpoint -> backbone weights, timm config, model card and SHA256SUMS under a versioned prefix."""
     from m3i.export import export
 
-    extra = [
-        *([f"export.checkpoint={args.checkpoint}"] if args.checkpoint else []),
-        *([f"export.out={args.out}"] if args.out else []),
-    ]
-    r = export(_load(args, extra))
+    values = {**({"export.checkpoint": args.checkpoint} if args.checkpoint else {}), **({"export.out": args.out} if args.out else {})}
+    r = export(config_of(args, values))
     print(
         f"exported step {r.step} of {r.checkpoint}: {r.encoder} encoder, {r.dtype}, {r.architecture} (timm {r.timm_architecture}) "
         f"({r.bytes / 1e6:.1f} MB) in {r.seconds:.1f}s"
@@ -250,12 +209,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from m3i.config import is_set
     from m3i.evaluate import evaluate, score_lines
 
-    extra = [
-        *([f"evaluate.model={args.model}"] if args.model else []),
-        *([f"evaluate.out={args.out}"] if args.out else []),
-    ]
-    overrides = [*args.overrides, *extra]
-    r = evaluate(_load(args, extra), data_from_model=not is_set("data.shards", args.preset, args.config, overrides))
+    values = {**({"evaluate.model": args.model} if args.model else {}), **({"evaluate.out": args.out} if args.out else {})}
+    r = evaluate(config_of(args, values), data_from_model=not is_set("data.shards", args.preset, args.config, args.overrides))
     m = r.metrics
     print(
         f"evaluated {m['model']['name']} ({m['model']['kind']}, step {m['model']['step']}) on {m['data']['shards']}: "
@@ -313,17 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo_data)
 
     p = sub.add_parser("shard", help="raw images -> WebDataset shards + index in object storage")
-    _config_args(p)
+    config_args(p)
     p.add_argument("--out", help="output folder or s3://bucket/prefix (shard.out)")
-    p.add_argument("--labelled", action="append", metavar="DIR", help="folder of class sub-folders (repeatable)")
-    p.add_argument("--captions", action="append", metavar="FILE", help="JSONL/CSV of image,caption (repeatable)")
-    p.add_argument("--unlabelled", action="append", metavar="DIR", help="folder of images (repeatable)")
-    p.add_argument("--eval-labelled", action="append", metavar="DIR", help="held-out folder of class sub-folders")
-    p.add_argument(
-        "--webdataset", action="append", metavar="PATTERN",
-        help="existing WebDataset tars, local or s3://, brace patterns like 'data-{00000..00099}.tar' (repeatable)",
-    )
-    p.add_argument("--eval-fraction", type=float, help="fraction of each labelled class held out (shard.eval_fraction)")
+    shard_input_args(p)
     p.add_argument(
         "--verify", action="store_true",
         help="check the data set at shard.out against its index (each shard's size and sha256) instead; exit 1 on damage",
@@ -331,18 +278,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_shard)
 
     p = sub.add_parser("train", help="M3I pre-training, one rank (run under torchrun or `m3i launch` for more)")
-    _config_args(p)
-    p.add_argument("--no-progress", action="store_true", help="log a line every train.log_every steps instead of a progress bar")
+    train_args(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("export", help="checkpoint -> backbone weights + config + model card that plain timm loads")
-    _config_args(p)
+    config_args(p)
     p.add_argument("--checkpoint", metavar="URI", help="run output (latest complete checkpoint) or one checkpoint (export.checkpoint)")
     p.add_argument("--out", metavar="URI", help="export root folder or s3://bucket/prefix (export.out)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("evaluate", help="kNN + linear probe on frozen features of held-out labelled images")
-    _config_args(p)
+    config_args(p)
     p.add_argument("--model", metavar="URI", help="exported model folder, checkpoint or run output (evaluate.model)")
     p.add_argument("--out", metavar="URI", help="folder or s3://bucket/prefix for the results (evaluate.out)")
     p.set_defaults(func=cmd_evaluate)
@@ -357,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("demo", help="demo data -> shards -> loader pass -> training, on this machine")
-    _config_args(p, default_preset="demo")
+    config_args(p, default_preset="demo")
     p.add_argument("--workdir", default="m3i-data", help="where the demo writes (default: %(default)s)")
     p.set_defaults(func=cmd_demo)
 

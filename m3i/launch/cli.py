@@ -1,4 +1,4 @@
-"""The ``m3i launch`` subcommand, wired into :mod:`m3i.cli`.
+"""The ``m3i launch`` subcommand, which :mod:`m3i.cli` registers (this module imports no other command's).
 
     m3i launch [--preset P] [--config F] [--set launch.k=v ...] [--dryrun | --wait [--timeout S]] [-- <m3i train args>]
 
@@ -17,6 +17,8 @@ import argparse
 import sys
 from pathlib import Path
 from typing import Any, Sequence
+
+from m3i.cli_args import config_args, config_of, train_parser
 
 __all__ = ["add_launch_parser", "cmd_launch"]
 
@@ -37,12 +39,7 @@ def add_launch_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="run m3i train under torchrun: here (local_cwd) or on Kubernetes (Volcano Job, PyTorchJob, TrainJob)",
         description="Run `m3i train` under torchrun. Arguments after `--` go to `m3i train` verbatim.",
     )
-    g = p.add_argument_group("config")
-    g.add_argument("--preset", help="packaged preset")
-    g.add_argument("--config", metavar="FILE", help="YAML file of sections, applied over the preset")
-    g.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override one value (repeatable)"
-    )
+    config_args(p)
     for dest, key, tp, help_ in _SHORTHANDS:
         p.add_argument(f"--{dest.replace('_', '-')}", dest=dest, type=tp, help=f"{help_} ({key})")
     p.add_argument("--dryrun", action="store_true", help="print what would run or be submitted; start nothing")
@@ -61,14 +58,6 @@ def _train_args(raw: Sequence[str]) -> list[str]:
     return args[1:] if args[:1] == ["--"] else args
 
 
-def _flatten(section: str, value: Any) -> list[str]:
-    if isinstance(value, dict):
-        return [s for k, v in value.items() for s in _flatten(f"{section}.{k}", v)]
-    import yaml
-
-    return [f"{section}={yaml.safe_dump(value, default_flow_style=True, width=1 << 20).strip().removesuffix('...').strip()}"]
-
-
 def forwarded_train_args(args: argparse.Namespace, scheduler: str) -> list[str]:
     """``m3i train`` arguments for the config options given to ``m3i launch`` (all but the ``launch`` section).
 
@@ -82,10 +71,11 @@ def forwarded_train_args(args: argparse.Namespace, scheduler: str) -> list[str]:
         else:
             import yaml
 
+            from m3i.config.overrides import flat_values, override_strings
+
             data = yaml.safe_load(Path(args.config).read_text()) or {}
-            for section, body in data.items():
-                if section != "launch":
-                    out += [a for pair in _flatten(section, body) for a in ("--set", pair)]
+            values = flat_values({section: body for section, body in data.items() if section != "launch"})
+            out += [a for pair in override_strings(values) for a in ("--set", pair)]
     for item in args.overrides:
         if not item.strip().startswith("launch."):
             out += ["--set", item]
@@ -103,10 +93,9 @@ def check_train_args(train_args: Sequence[str], *, local: bool) -> Any:
         ValueError: An unknown section, key or preset, or a value a section rejects.
         SystemExit: (exit 2) An argument ``m3i train`` does not take.
     """
-    from m3i.cli import build_parser
     from m3i.config import load_config
 
-    ns = build_parser().parse_args(["train", *train_args])
+    ns = train_parser().parse_args(list(train_args))
     # On Kubernetes a --config after `--` names a file inside the image: check it only if it is here too.
     config = ns.config if ns.config and (local or Path(ns.config).is_file()) else None
     try:
@@ -117,11 +106,10 @@ def check_train_args(train_args: Sequence[str], *, local: bool) -> Any:
 
 def cmd_launch(args: argparse.Namespace) -> int:
     """Run ``m3i launch``; prints the dry run or the outcome, returns the exit status."""
-    from m3i.config import load_config
     from m3i.launch import launch
 
-    extra = [f"{key}={getattr(args, dest)}" for dest, key, _, _ in _SHORTHANDS if getattr(args, dest) is not None]
-    cfg = load_config(args.preset, args.config, [*args.overrides, *extra]).launch
+    values = {key: getattr(args, dest) for dest, key, _, _ in _SHORTHANDS if getattr(args, dest) is not None}
+    cfg = config_of(args, values).launch
     train_args = [*forwarded_train_args(args, cfg.scheduler), *_train_args(args.train_args)]
     train_cfg = check_train_args(train_args, local=cfg.scheduler == "local_cwd")
     # The loaders' shared memory: refused (ValueError, exit 2) when it cannot fit, a warning when tight.
