@@ -5,6 +5,7 @@
     m3i train     [--preset P] [--config F] [--set train.k=v]   (one rank; torchrun for more)
     m3i export    [--preset P] [--config F] [--set export.k=v] [--checkpoint URI] [--out URI]
     m3i evaluate  [--preset P] [--config F] [--set evaluate.k=v] [--model URI] [--out URI]
+    m3i promote   [--model URI] [--metrics URI] [--dry-run] | --to VERSION --reason TEXT | --list   (the champion)
     m3i ablate    --demo-root DIR [--preset demo] [--steps N] [--seeds 0 1 2] [--curve-every K]   = python -m experiments.ablation (a checkout's)
     m3i launch    [--scheduler local_cwd|kubernetes] [--kind volcano|pytorchjob|trainjob] [--dryrun] [-- train args]
     m3i demo      demo data -> shards -> one loader pass -> training (the preset's processes), on this machine
@@ -309,7 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from m3i.launch.cli import add_launch_parser
     from m3i.pipeline.cli import add_pipeline_parser
+    from m3i.promote.cli import add_promote_parser
 
+    add_promote_parser(sub)
     add_launch_parser(sub)
     add_pipeline_parser(sub)
     return parser

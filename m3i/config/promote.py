@@ -135,6 +135,11 @@ class PromoteConfig:
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     """The optional Kubeflow Model Registry mirror."""
 
+    fail_on_reject: bool = False
+    """Whether ``m3i promote`` exits 1 when the gate rejects the candidate (the rejection is recorded
+    either way). Off: a rejection is a normal outcome, exit 0. The pipeline's ``fail_on_reject``
+    parameter does the same for a run."""
+
     def __post_init__(self) -> None:
         s = "promote"
         _check_score(f"{s}.primary", self.primary)
