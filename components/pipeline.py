@@ -1,17 +1,26 @@
-"""The ``m3i-pretrain`` pipeline: plan -> shard -> train -> export -> evaluate.
+"""The ``m3i-pretrain`` pipeline: plan -> shard -> champion -> train -> export -> evaluate -> gate -> promote.
 
 Compiled by ``m3i pipeline compile`` (m3i/pipeline/build.py) into the versioned IR YAML
 ``m3i/pipeline/m3i-pretrain.yaml``. Kubernetes settings (kfp-kubernetes) land in that
 YAML's platform spec: the S3 Secret as env (names only), the cluster's ``m3i-launch``
 ConfigMap as an optional config file, and on the in-pod train step the GPU node pool's
 node selector and tolerations, GPUs, a memory-backed /dev/shm, a timeout and retries.
+
+After evaluate, the gate decides whether the new version replaces its model's champion; a
+``dsl.If`` on its decision runs the promote step, which moves the champion pointer, and a
+``dsl.Elif`` records a rejection (and fails the run when ``fail_on_reject`` asks). The
+champion step before training resolves, at run time, whether training starts from the
+champion's export (``start_from_champion``).
 """
 
 from kfp import dsl, kubernetes
 
-from m3i.pipeline import CONFIG_MOUNT, CPU_IMAGE, LAUNCH_CONFIGMAP, PIPELINE_NAME, S3_SECRET
+from m3i.config.promote import RegistryConfig
+from m3i.pipeline import CONFIG_MOUNT, CPU_IMAGE, LAUNCH_CONFIGMAP, PIPELINE_NAME, REGISTRY_SECRET, S3_SECRET
 from m3i_components.evaluate import evaluate
 from m3i_components.export import export
+from m3i_components.gate import gate
+from m3i_components.promote import champion, promote
 from m3i_components.shard import plan, shard
 from m3i_components.train import train
 
@@ -36,6 +45,9 @@ SHM_SIZE = "64Gi"
 GPU_NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}
 """Default node selector of GPU work: the label NVIDIA's GPU feature discovery puts on GPU nodes."""
 
+REGISTRY_ENV = {"token": RegistryConfig().token_env}
+"""Key of the optional Secret REGISTRY_SECRET -> env var of the promote steps (a reference, never the token)."""
+
 GPU_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
 """Default tolerations of GPU work: the taint GPU node pools usually carry."""
 
@@ -55,7 +67,18 @@ def _cluster_settings(task: dsl.PipelineTask, timeout_s: int = STEP_TIMEOUT_S, c
     return task
 
 
-@dsl.pipeline(name=PIPELINE_NAME, description="M3I all-in-one pre-training: raw images -> shards -> train -> export -> evaluate.")
+def _small_step(task: dsl.PipelineTask, display_name: str) -> dsl.PipelineTask:
+    """A promotion step: never cached (it reads and writes the mutable champion pointer), small, cluster settings."""
+    task.set_display_name(display_name)
+    task.set_caching_options(False)
+    task.set_cpu_request("500m").set_memory_request("1Gi").set_cpu_limit("1").set_memory_limit("2Gi")
+    return _cluster_settings(task)
+
+
+@dsl.pipeline(
+    name=PIPELINE_NAME,
+    description="M3I all-in-one pre-training: raw images -> shards -> train -> export -> evaluate -> gate -> promote.",
+)
 def m3i_pretrain(
     labelled: list = [],
     captions: list = [],
@@ -80,11 +103,14 @@ def m3i_pretrain(
     knn_k: int = 20,
     probe_epochs: int = 100,
     finetune_steps: int = 0,
+    start_from_champion: bool = False,
+    fail_on_reject: bool = False,
 ):
     """M3I pre-training of a ViT backbone from raw images in object storage.
 
     Outputs go under ``storage_uri``: ``datasets/``, ``runs/<run>``,
-    ``models/<name>/<version>``, ``evals/<run>``.
+    ``models/<name>/<version>``, ``evals/<run>``; the champion of each model is
+    ``models/<name>/champion.json``, its promotion log ``models/<name>/promotions/``.
 
     Args:
         labelled: Folders of class sub-folders (``<class>/<image>``), local or ``s3://``.
@@ -110,6 +136,9 @@ def m3i_pretrain(
         knn_k: kNN neighbours in evaluation; 0 keeps the preset's.
         probe_epochs: Linear-probe epochs; 0 keeps the preset's.
         finetune_steps: Fine-tune steps in evaluation; 0 skips it, -1 keeps the preset's.
+        start_from_champion: Start training from the current champion of model_name (continued
+            pre-training, resolved when the run runs); random initialisation while it has none.
+        fail_on_reject: Fail the run when the gate rejects the new version (it is recorded and kept either way).
     """
     plan_task = plan(
         labelled=labelled,
@@ -145,6 +174,11 @@ def m3i_pretrain(
     shard_task.set_retry(num_retries=2, backoff_duration="60s", backoff_factor=2.0)
     _cluster_settings(shard_task)
 
+    start_task = champion(
+        storage_uri=storage_uri, model_name=model_name, start_from_champion=start_from_champion, preset=preset, overrides=overrides,
+    )
+    _small_step(start_task, "champion: where training starts")
+
     train_args = dict(
         dataset=shard_task.outputs["dataset"],
         storage_uri=storage_uri,
@@ -159,7 +193,7 @@ def m3i_pretrain(
         node_selector=gpu_node_selector,
         tolerations=gpu_tolerations,
         preset=preset,
-        overrides=overrides,
+        overrides=start_task.outputs["Output"],  # the pipeline's, plus train.init_from when it starts from the champion
     )
     with dsl.If(launcher == "inline", name="train-in-step-pod"):
         inline = train(launcher="inline", **train_args)
@@ -210,3 +244,36 @@ def m3i_pretrain(
     eval_task.set_cpu_request("4").set_memory_request("8Gi").set_cpu_limit("8").set_memory_limit("32Gi")
     eval_task.set_retry(num_retries=2, backoff_duration="60s")
     _cluster_settings(eval_task)
+
+    gate_task = gate(
+        model=export_task.outputs["model"],
+        results=eval_task.outputs["results"],
+        storage_uri=storage_uri,
+        run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+        preset=preset,
+        overrides=overrides,
+    )
+    gate_task.set_display_name("gate: candidate vs champion")
+    gate_task.set_caching_options(False)  # the champion it is held against changes between runs
+    gate_task.set_cpu_request("2").set_memory_request("4Gi").set_cpu_limit("4").set_memory_limit("16Gi")  # may re-evaluate the champion
+    gate_task.set_retry(num_retries=2, backoff_duration="60s")
+    _cluster_settings(gate_task)
+
+    record = dict(
+        model=export_task.outputs["model"],
+        results=eval_task.outputs["results"],
+        storage_uri=storage_uri,
+        run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+        fail_on_reject=fail_on_reject,
+        preset=preset,
+        overrides=overrides,
+    )
+    decision = gate_task.outputs["Output"]
+    with dsl.If(decision == "promote", name="promoted"):
+        promoted = _small_step(promote(expected="promote", **record), "promote: move the champion pointer")
+    with dsl.Elif(decision == "reject", name="rejected"):
+        rejected = _small_step(promote(expected="reject", **record), "promote: record the rejection")
+    for task in (promoted, rejected):
+        # A lost race (another run promoted first) fails the step; its retry decides again against the new champion.
+        task.set_retry(num_retries=3, backoff_duration="30s")
+        kubernetes.use_secret_as_env(task, secret_name=REGISTRY_SECRET, secret_key_to_env=REGISTRY_ENV, optional=True)

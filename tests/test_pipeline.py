@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from m3i.pipeline import CPU_IMAGE, PIPELINE_NAME, S3_SECRET, TRAIN_IMAGE
+from m3i.pipeline import CPU_IMAGE, PIPELINE_NAME, REGISTRY_SECRET, S3_SECRET, TRAIN_IMAGE
 from m3i.pipeline.build import SOURCE_PIPELINE, compile_pipeline, version_name
 from m3i.pipeline.steps import (
     LAUNCHERS,
@@ -59,10 +59,15 @@ def test_no_credentials_in_the_compiled_pipeline(compiled):
     text = out.read_text()
     assert SECRET_VALUE not in text
     # Only the Secret's name and key names appear: env vars come from secretAsEnv.
-    for ex in platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"].values():
-        (ref,) = ex["secretAsEnv"]
+    for name, ex in platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"].items():
+        ref, *more = ex["secretAsEnv"]
         assert ref["secretName"] == S3_SECRET
         assert {k["secretKey"] for k in ref["keyToEnv"]} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"}
+        # the promote steps also get the Model Registry token, by reference and optional (the mirror is off by default)
+        assert more == ([{
+            "secretName": REGISTRY_SECRET, "secretNameParameter": {"runtimeValue": {"constant": REGISTRY_SECRET}},
+            "keyToEnv": [{"secretKey": "token", "envVar": "M3I_MODEL_REGISTRY_TOKEN"}], "optional": True,
+        }] if name.startswith("exec-promote") else []), name
     for ex in _executors(compiled).values():
         env = {e["name"]: e.get("value") for e in ex["container"].get("env", [])}
         assert not set(env) & {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "KFP_TOKEN"}
@@ -84,20 +89,23 @@ def test_tasks_edges_and_caching(compiled):
     _, spec, _ = compiled
     assert spec["pipelineInfo"]["name"] == PIPELINE_NAME
     root = spec["root"]["dag"]["tasks"]
-    assert set(root) == {"plan", "shard", "condition-branches-1", "export", "evaluate"}
+    assert set(root) == {"plan", "shard", "champion", "condition-branches-1", "export", "evaluate", "gate", "condition-branches-4"}
     deps = {k: set(v.get("dependentTasks", [])) for k, v in root.items()}
     assert deps == {
         "plan": set(),
         "shard": {"plan"},
-        "condition-branches-1": {"shard"},
+        "champion": set(),
+        "condition-branches-1": {"shard", "champion"},
         "export": {"condition-branches-1"},
         "evaluate": {"export", "shard"},
+        "gate": {"export", "evaluate"},
+        "condition-branches-4": {"gate", "export", "evaluate"},
     }
     tasks = _all_tasks(spec)
-    assert {"train", "train-2"} <= set(tasks)
+    assert {"train", "train-2", "promote", "promote-2"} <= set(tasks)
     # shard is cached (keyed by plan's cache_key); everything that reads mutable storage is not.
     assert tasks["shard"]["cachingOptions"] == {"enableCache": True}
-    for name in ("plan", "train", "train-2", "export", "evaluate"):
+    for name in ("plan", "champion", "train", "train-2", "export", "evaluate", "gate", "promote", "promote-2"):
         assert not tasks[name]["cachingOptions"].get("enableCache"), name
     assert tasks["shard"]["inputs"]["parameters"]["cache_key"]["taskOutputParameter"] == {
         "outputParameterKey": "cache_key",
@@ -108,7 +116,7 @@ def test_tasks_edges_and_caching(compiled):
         if name.startswith("condition"):
             continue
         assert ":" in t["taskInfo"]["name"], name
-    for cname in ("comp-plan", "comp-shard", "comp-train", "comp-export", "comp-evaluate"):
+    for cname in ("comp-plan", "comp-shard", "comp-champion", "comp-train", "comp-export", "comp-evaluate", "comp-gate", "comp-promote"):
         params = spec["components"][cname]["inputDefinitions"]["parameters"]
         assert all(p.get("description") for p in params.values()), cname
 
@@ -143,6 +151,10 @@ def test_images_and_resources(compiled):
         "exec-train-2": CPU_IMAGE,  # the job follower does not
         "exec-export": CPU_IMAGE,
         "exec-evaluate": CPU_IMAGE,
+        "exec-champion": CPU_IMAGE,
+        "exec-gate": CPU_IMAGE,
+        "exec-promote": CPU_IMAGE,
+        "exec-promote-2": CPU_IMAGE,
     }
     for k, v in ex.items():
         assert "pip install" not in " ".join(v["container"]["command"]), f"{k} installs packages at run time"

@@ -35,8 +35,8 @@ from m3i.promote.report import render_decision, render_versions
 from m3i.storage import join_uri, open_store
 
 __all__ = [
-    "ModelVersions", "Plan", "PromotionResult", "RollbackResult", "commit", "decide", "list_versions", "promote",
-    "rollback",
+    "ModelVersions", "Plan", "PromotionResult", "RollbackResult", "champion_of", "commit", "decide", "list_versions",
+    "promote", "rollback",
 ]
 
 log = logging.getLogger(__name__)
@@ -150,6 +150,24 @@ def _rollback_offers(ledger: Ledger, broken: ChampionRecord) -> list[str]:
         if len(offers) >= _ROLLBACK_OFFERS:
             break
     return offers
+
+
+def champion_of(models_uri: str, name: str) -> ChampionRecord | None:
+    """The champion of model ``name`` under ``models_uri`` now; ``None`` when it has none yet.
+
+    What a retrain starts from (the pipeline's ``start_from_champion``): the version is checked
+    first, so a deleted or damaged champion is reported, never trained from.
+
+    Raises:
+        ChampionDamaged: Its version is deleted or damaged; the error names intact versions to roll back to.
+    """
+    ledger = Ledger(models_uri, name)
+    champion = ledger.state().champion
+    if champion is not None:
+        problem = version_problem(champion.ref)
+        if problem:
+            raise ChampionDamaged(name, champion.ref.version, problem, _rollback_offers(ledger, champion))
+    return champion
 
 
 def _check_scores_are_the_candidates(evaluation: Evaluation, ref: VersionRef) -> None:
