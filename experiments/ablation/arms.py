@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import shutil
@@ -18,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from m3i.config import Config, EvaluateConfig
+from m3i.config import Config, EvaluateConfig, command_line, override_strings
 
 __all__ = [
     "RANDOM", "VARIANTS", "ArmJob", "Stage", "Variant", "random_init_entry", "run_arm", "stage_overrides", "stage_steps",
@@ -73,15 +72,12 @@ def stage_steps(variant: str, steps: int) -> list[int]:
 
 
 def stage_overrides(stage: Stage, *, seed: int, steps: int, output: str, curve_every: int, init_from: str = "") -> list[str]:
-    """``--set`` values of one stage over the run config: branches, sources, seeds, steps, checkpoints."""
-    flag = lambda b: "true" if b else "false"  # noqa: E731
-    return [
-        f"objective.use_img={flag(stage.use_img)}", f"objective.use_cls={flag(stage.use_cls)}",
-        f"objective.use_txt={flag(stage.use_txt)}", f"data.sources={json.dumps(list(stage.sources))}",
-        f"data.seed={seed}", f"train.seed={seed}", f"train.steps={steps}", f"train.output={output}",
-        f"train.init_from={init_from or chr(39) * 2}",  # '' in YAML: the empty string
-        f"checkpoint.interval_steps={curve_every}", f"checkpoint.keep_last={steps // curve_every + 2}",
-    ]
+    """``--set`` text of one stage over the run config (branches, sources, seeds, steps, checkpoints), for its ``m3i train`` process."""
+    return override_strings({
+        "objective.use_img": stage.use_img, "objective.use_cls": stage.use_cls, "objective.use_txt": stage.use_txt,
+        "data.sources": stage.sources, "data.seed": seed, "train.seed": seed, "train.steps": steps, "train.output": output,
+        "train.init_from": init_from, "checkpoint.interval_steps": curve_every, "checkpoint.keep_last": steps // curve_every + 2,
+    })
 
 
 def final_step(output: str) -> int | None:
@@ -94,9 +90,7 @@ def final_step(output: str) -> int | None:
 
 def _train(config: str, overrides: list[str], output: str, threads: int) -> None:
     """One ``m3i train`` process (one rank, no launcher); its output goes to ``<output>/train.log``."""
-    cmd = [sys.executable, "-m", "m3i", "train", "--no-progress", "--config", config]
-    for o in overrides:
-        cmd += ["--set", o]
+    cmd = [sys.executable, "-m", "m3i", "train", "--no-progress", *command_line(config_file=config, overrides=overrides)]
     env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     Path(output).mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,6 @@ trees are sharded with :func:`m3i.shard.shard` like any other labelled data set:
 
 from __future__ import annotations
 
-import dataclasses
 import fcntl
 import hashlib
 import json
@@ -30,7 +29,8 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from m3i.config import EvaluateConfig, ShardConfig
+from m3i.config import EvaluateConfig, ShardConfig, with_values
+from m3i.config.data import input_values
 
 if TYPE_CHECKING:
     from m3i.artifacts import ShardIndex
@@ -144,10 +144,8 @@ def build_attribute_sets(
         for a in attributes:
             tree = out / a / "images"
             _link_tree(rows, root, a, tree)
-            cfg = dataclasses.replace(
-                shard_cfg, out=str(out / a / "shards"), labelled=(str(tree / "train"),), eval_labelled=(str(tree / "eval"),),
-                captions=(), unlabelled=(), eval_fraction=0.0,
-            )
+            inputs = input_values({"labelled": [str(tree / "train")], "eval_labelled": [str(tree / "eval")]})
+            cfg = with_values(shard_cfg, {**inputs, "shard.out": str(out / a / "shards"), "shard.eval_fraction": 0.0})
             index = shard(cfg, progress=False)
             log.info("attribute %s: %d classes %s, shards in %s", a, index.num_classes, index.classes, cfg.out)
             sets[a] = cfg.out

@@ -14,6 +14,7 @@ import sys
 from typing import Sequence
 
 from experiments.ablation.arms import VARIANTS
+from m3i.cli_args import config_args, config_of
 
 __all__ = ["build_parser", "main"]
 
@@ -26,12 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG, description="M3I vs each branch alone vs two-stage, equal steps, several seeds, per attribute -> Markdown + PNG",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="warnings only")
-    g = p.add_argument_group("config")
-    g.add_argument("--preset", default="demo", help="packaged preset (default: %(default)s)")
-    g.add_argument("--config", metavar="FILE", help="YAML file of sections, applied over the preset")
-    g.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override one value (repeatable)"
-    )
+    config_args(p, default_preset="demo")
     p.add_argument("--demo-root", required=True, metavar="DIR", help="`m3i demo-data` output: the sources and attributes.jsonl")
     p.add_argument("--attributes", nargs="+", default=["shape", "colour", "position"], help="attributes scored (default: shape colour position)")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps per arm, all stages together (default: %(default)s)")
@@ -49,9 +45,8 @@ def _run(args: argparse.Namespace, command: str) -> int:
     from experiments.ablation.report import write_report
     from experiments.ablation.run import run_ablation
     from experiments.ablation.stats import summarise
-    from m3i.config import load_config
 
-    cfg = load_config(args.preset, args.config, args.overrides)
+    cfg = config_of(args)
     ab = run_ablation(
         cfg, demo_root=args.demo_root, variants=args.variants, seeds=args.seeds, steps=args.steps, curve_every=args.curve_every,
         workdir=args.workdir, attributes=args.attributes, jobs=args.jobs, threads=args.threads,

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from experiments.ablation.arms import RANDOM, VARIANTS, ArmJob, final_step, random_init_entry, run_arm, stage_steps
-from m3i.config import Config, to_dict
+from m3i.config import Config, to_dict, with_values
+from m3i.config.data import input_values
 
 __all__ = ["Ablation", "prepare_data", "run_ablation", "settings_of"]
 
@@ -55,11 +56,10 @@ def prepare_data(cfg: Config, demo_root: str, workdir: Path, attributes: Sequenc
     data = workdir / "data" / digest[:12]  # demo roots of other contents get folders of their own
     sets = build_attribute_sets(root, data / "attributes", attributes, cfg.shard)
     out = data / "train"
+    inputs = {"labelled": [str(parts["labelled"])], "captions": [str(parts["captions"])], "unlabelled": [str(parts["unlabelled"])],
+              "eval_labelled": [str(parts["eval"])]}
     with _locked(data / ".train.lock"):
-        index = shard(dataclasses.replace(
-            cfg.shard, out=str(out), labelled=(str(parts["labelled"]),), captions=(str(parts["captions"]),),
-            unlabelled=(str(parts["unlabelled"]),), eval_labelled=(str(parts["eval"]),), eval_fraction=0.0,
-        ), progress=False)
+        index = shard(with_values(cfg.shard, {**input_values(inputs), "shard.out": str(out), "shard.eval_fraction": 0.0}), progress=False)
     identity = {"inputs_sha256": index.raw["inputs_sha256"], "plan_sha256": index.raw["plan_sha256"], "attributes_sha256": digest}
     run_cfg = dataclasses.replace(
         cfg, data=dataclasses.replace(cfg.data, shards=str(out)), metrics=dataclasses.replace(cfg.metrics, port=0),

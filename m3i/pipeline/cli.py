@@ -17,6 +17,8 @@ import argparse
 import json
 from typing import Any
 
+from m3i.cli_args import given_inputs, overrides_arg, shard_input_args
+
 __all__ = ["add_pipeline_parser"]
 
 
@@ -75,11 +77,7 @@ def cmd_run_local(args: argparse.Namespace) -> int:
         arguments["steps"] = args.steps
     if args.eval_fraction is not None:
         arguments["eval_fraction"] = args.eval_fraction
-    sources = {
-        "labelled": args.labelled, "captions": args.captions, "unlabelled": args.unlabelled,
-        "eval_labelled": args.eval_labelled, "webdataset": args.webdataset,
-    }
-    sources = {k: v for k, v in sources.items() if v}
+    sources = given_inputs(args)
     data = "your data" if sources else "demo data"
     print(f"m3i-pretrain on this machine (kfp.local): {data} -> shard -> train -> export -> evaluate, under {args.workdir}")
     r = run_local(args.workdir, arguments=arguments, overrides=args.overrides, run_name=args.run_name, sources=sources)
@@ -148,12 +146,7 @@ def add_pipeline_parser(sub: Any) -> argparse.ArgumentParser:
     c.add_argument("--steps", type=int, default=0, help="training steps (default: the demo preset's)")
     c.add_argument("--run-name", default="local", help="runs/<name>, evals/<name>; reusing it resumes training")
     # the inputs of `m3i shard`; with none of them the demo data is written under --workdir and used
-    c.add_argument("--labelled", action="append", metavar="DIR", help="folder of class sub-folders (repeatable)")
-    c.add_argument("--captions", action="append", metavar="FILE", help="JSONL/CSV of image,caption (repeatable)")
-    c.add_argument("--unlabelled", action="append", metavar="DIR", help="folder of images (repeatable)")
-    c.add_argument("--eval-labelled", action="append", metavar="DIR", help="held-out folder of class sub-folders (repeatable)")
-    c.add_argument("--webdataset", action="append", metavar="PATTERN", help="existing WebDataset tars, e.g. 'laion/{00000..00009}.tar' (repeatable)")
-    c.add_argument("--eval-fraction", type=float, help="fraction of each labelled class held out (the pipeline's eval_fraction)")
-    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    shard_input_args(c, eval_fraction_help="the pipeline's eval_fraction")
+    overrides_arg(c)
     c.set_defaults(func=cmd_run_local)
     return p

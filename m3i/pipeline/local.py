@@ -135,15 +135,13 @@ def run_local(
 def _inputs(sources: dict[str, Sequence[str]] | None, raw: Path, demo_size: int | None) -> dict[str, list[str]]:
     """The pipeline's four source arguments: the given ones (local paths made absolute, since the
     steps run in other folders), else demo data written to ``raw``."""
-    from m3i.pipeline.steps import SOURCE_KINDS
+    from m3i.config.data import input_values
     from m3i.storage import is_remote
 
-    sources = sources or {}
-    unknown = set(sources) - set(SOURCE_KINDS)
-    if unknown:
-        raise ValueError(f"sources has kinds {sorted(unknown)}; allowed kinds are {list(SOURCE_KINDS)}")
-    if any(sources.get(k) for k in SOURCE_KINDS):
-        return {k: [p if is_remote(p) else str(Path(p).expanduser().resolve()) for p in sources.get(k) or []] for k in SOURCE_KINDS}
+    # Every kind, the ones not given empty (the one rule of m3i shard's inputs); an unknown kind is refused.
+    given = {key.removeprefix("shard."): paths for key, paths in input_values(sources or {}).items()}
+    if any(given.values()):
+        return {k: [p if is_remote(p) else str(Path(p).expanduser().resolve()) for p in paths] for k, paths in given.items()}
     from m3i.demo import DemoCounts, make_demo_data
 
     paths = make_demo_data(raw, DemoCounts(**({"size": demo_size} if demo_size else {})))

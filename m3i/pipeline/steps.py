@@ -9,7 +9,9 @@
 Each returns a small JSON-able manifest (URIs, counts, sha256); the bytes stay in object
 storage. Config comes from the named preset, then the file named by ``M3I_CONFIG`` when it
 exists (the cluster's ``m3i-launch`` ConfigMap, mounted by the pipeline), then the step's
-``overrides`` (``section.key=value``), in that order.
+``overrides`` (``section.key=value``), then the step's own arguments as typed values
+(:func:`m3i.config.load_config` ``values=``), in that order. Only the train step turns them into
+``--set`` text, for the training processes or pods it starts.
 
 Storage layout under the pipeline's ``storage_uri``:
 
@@ -37,7 +39,8 @@ from typing import Any, Sequence, TextIO
 from m3i.artifacts.dataset import INDEX_KEY, read_index, shard_problems
 from m3i.artifacts.export import WEIGHTS
 from m3i.artifacts.run import read_summary
-from m3i.config import Config, load_config, to_dict
+from m3i.config import Config, command_line, load_config, to_dict, with_values
+from m3i.config.data import INPUT_KINDS, input_values
 from m3i.config.launch import KINDS
 from m3i.storage import is_remote, join_uri, open_store
 from m3i.storage.base import ObjectInfo
@@ -60,7 +63,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SOURCE_KINDS = ("labelled", "captions", "unlabelled", "eval_labelled", "webdataset")
+SOURCE_KINDS = INPUT_KINDS
 """Kinds of raw input, as the pipeline's parameters and ``shard.*`` name them."""
 
 LAUNCHERS = ("inline", *KINDS)
@@ -111,17 +114,11 @@ def _cluster_overrides() -> list[str]:
     return config_overrides_from_file(path) if path and os.path.exists(path) else []
 
 
-def step_config(preset: str, overrides: Sequence[str] = ()) -> tuple[Config, list[str]]:
-    """The config of a step and the full list of overrides it came from (the cluster file's first)."""
+def step_config(preset: str, overrides: Sequence[str] = (), values: dict[str, Any] | None = None) -> tuple[Config, list[str]]:
+    """The config of a step (``values``, the step's own arguments, set last) and the full list of
+    text overrides it came from (the cluster file's first)."""
     full = [*_cluster_overrides(), *overrides]
-    return load_config(preset or None, None, full), full
-
-
-def _source_overrides(sources: dict[str, Sequence[str]]) -> list[str]:
-    unknown = set(sources) - set(SOURCE_KINDS)
-    if unknown:
-        raise ValueError(f"sources has kinds {sorted(unknown)}; allowed kinds are {list(SOURCE_KINDS)}")
-    return [f"shard.{k}={json.dumps(list(sources.get(k) or []))}" for k in SOURCE_KINDS]
+    return load_config(preset or None, None, full, values), full
 
 
 def _roots(sources: dict[str, Sequence[str]]) -> list[tuple[str, str, str]]:
@@ -226,7 +223,7 @@ def plan_dataset(
     whose objects are gone) the key gets a fresh suffix, so the shard step runs again instead
     of serving the stale cache entry.
     """
-    cfg, _ = step_config(preset, [*overrides, *_source_overrides(sources)])
+    cfg, _ = step_config(preset, overrides, input_values(sources))
     settings = {k: v for k, v in to_dict(cfg.shard).items() if k not in ("out", "workers", *SOURCE_KINDS)}
     rows = list_sources(sources)
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
@@ -282,7 +279,7 @@ def shard_dataset(
 
     with tempfile.TemporaryDirectory(prefix="m3i-stage-") as scratch:
         local = stage_sources(sources, scratch)
-        cfg, _ = step_config(preset, [*overrides, *_source_overrides(local), f"shard.out={dataset_uri}"])
+        cfg, _ = step_config(preset, overrides, {**input_values(local), "shard.out": dataset_uri})
         index = shard(cfg.shard, progress=False)
     raw = index.raw
     store = open_store(dataset_uri)
@@ -345,36 +342,29 @@ def train_model(
         )
     if gpus_per_node < 0:
         raise ValueError(f"gpus_per_node={gpus_per_node} must be >= 0")
-    train_set = [f"data.shards={dataset_uri}", f"train.output={output_uri}"]
-    if run_id:
-        train_set.append(f"train.run_id={run_id}")
-    if zero_stage >= 0:
-        train_set.append(f"train.zero_stage={zero_stage}")
-    if precision:
-        train_set.append(f"train.precision={precision}")
-    if backbone:
-        train_set.append(f"model.backbone={backbone}")
-    if steps > 0:
-        train_set.append(f"train.steps={steps}")
-    if launcher != "inline" and node_selector:
-        train_set.append(f"launch.node_selector={json.dumps(dict(node_selector))}")
-    if launcher != "inline" and tolerations:
-        train_set.append(f"launch.tolerations={json.dumps([_toleration_spec(t) for t in tolerations])}")
-    cfg, full = step_config(preset, [*overrides, *train_set])
+    # The step's arguments as typed values; 0, -1 and "" keep the preset's.
+    values: dict[str, Any] = {"data.shards": dataset_uri, "train.output": output_uri}
+    values.update({"train.run_id": run_id} if run_id else {})
+    values.update({"train.zero_stage": zero_stage} if zero_stage >= 0 else {})
+    values.update({"train.precision": precision} if precision else {})
+    values.update({"model.backbone": backbone} if backbone else {})
+    values.update({"train.steps": steps} if steps > 0 else {})
+    if launcher != "inline":  # where a job's pods go (KFP places the inline step's own pod)
+        values.update({"launch.node_selector": dict(node_selector)} if node_selector else {})
+        values.update({"launch.tolerations": [_toleration_spec(t) for t in tolerations]} if tolerations else {})
+    cfg, full = step_config(preset, overrides, values)
     # One rank per GPU; without GPUs the config's count, or one (launch.nproc_per_node 0 is "one per GPU").
     nproc = gpus_per_node or cfg.launch.nproc_per_node or 1
-    lcfg = dataclasses.replace(
-        cfg.launch,
-        scheduler="local_cwd" if launcher == "inline" else "kubernetes",
-        kind=cfg.launch.kind if launcher == "inline" else launcher,
-        nodes=nodes,
-        nproc_per_node=nproc,
-        gpus_per_node=gpus_per_node,
-    )
-    # The job's pods see neither this step's config file nor its environment: everything rides as --set.
-    train_args = ["--no-progress", *(["--preset", preset] if preset else [])]
-    for o in full:
-        train_args += ["--set", o]
+    lcfg = with_values(cfg.launch, {
+        "launch.scheduler": "local_cwd" if launcher == "inline" else "kubernetes",
+        "launch.kind": cfg.launch.kind if launcher == "inline" else launcher,
+        "launch.nodes": nodes,
+        "launch.nproc_per_node": nproc,
+        "launch.gpus_per_node": gpus_per_node,
+    })
+    # The job's pods see neither this step's config file nor its environment: everything rides as
+    # --set, the step's typed values as text here, at the process (or pod) boundary.
+    train_args = ["--no-progress", *command_line(preset or None, None, full, values)]
     t0 = time.monotonic()
     if launcher == "inline":
         result = launch(lcfg, train_args, log=log_to)
@@ -407,8 +397,8 @@ def export_model(
     """Export ``checkpoint`` (a run output or one checkpoint) as timm weights under ``models_uri``."""
     from m3i.export import export
 
-    sets = [f"export.checkpoint={checkpoint}", f"export.out={models_uri}", *([f"export.name={name}"] if name else [])]
-    cfg, _ = step_config(preset, [*overrides, *sets])
+    values = {"export.checkpoint": checkpoint, "export.out": models_uri, **({"export.name": name} if name else {})}
+    cfg, _ = step_config(preset, overrides, values)
     r = export(cfg)
     out = dataclasses.asdict(r)
     out["sha256"] = open_store(r.uri).sha256(WEIGHTS)
@@ -440,11 +430,11 @@ def evaluate_model(
     from m3i.evaluate import evaluate
     from m3i.evaluate.report import kfp_scalars, render_html, render_report
 
-    sets = [f"evaluate.model={model_uri}", f"data.shards={dataset_uri}", f"evaluate.out={out_uri}"]
-    sets += [f"evaluate.k={k}"] if k > 0 else []
-    sets += [f"evaluate.probe_epochs={probe_epochs}"] if probe_epochs > 0 else []
-    sets += [f"evaluate.finetune_steps={finetune_steps}"] if finetune_steps >= 0 else []
-    cfg, _ = step_config(preset, [*overrides, *sets])
+    values: dict[str, Any] = {"evaluate.model": model_uri, "data.shards": dataset_uri, "evaluate.out": out_uri}
+    values.update({"evaluate.k": k} if k > 0 else {})
+    values.update({"evaluate.probe_epochs": probe_epochs} if probe_epochs > 0 else {})
+    values.update({"evaluate.finetune_steps": finetune_steps} if finetune_steps >= 0 else {})
+    cfg, _ = step_config(preset, overrides, values)
     r = evaluate(cfg)
     m = r.metrics  # what the files under out_uri were written from: no need to read them back
     return {
