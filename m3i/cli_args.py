@@ -10,8 +10,8 @@ as typed values (``{"export.out": args.out}``); :func:`shard_input_values` turns
 flags into ``shard.*`` values by the one rule of :func:`m3i.config.data.input_values`. Their
 command-line form for another process is :func:`m3i.config.command_line`.
 
-Only the command modules use this one (``m3i/cli.py``, ``m3i/launch/cli.py``,
-``m3i/pipeline/cli.py``, ``experiments/ablation/cli.py``); they never import each other's parsers.
+Only the command modules use this one (``m3i/cli.py``, ``m3i/launch/cli.py``, ``m3i/pipeline/cli.py``,
+``m3i/promote/cli.py``, ``experiments/ablation/cli.py``); they never import each other's parsers.
 """
 
 from __future__ import annotations
