@@ -37,8 +37,6 @@ FLOOR_NAMES = {0: "ground", 1: "artifacts", 2: "libraries", 3: "stages", 4: "pip
 
 KNOWN: dict[tuple[str, str], str] = {
     # (importer, imported): who removes it and why it is still there. Remove an entry with the import it names.
-    ("m3i.storage", "m3i.storage.base"): "no owner in #21's split: Store.sub (base.py) opens its sub-store through "
-    "m3i.storage.open_store, the package face that imports base.py",
 }
 KNOWN_PACKAGES: dict[tuple[str, str], str] = {
     # (package, package): who removes it and why. Same rule: only shrinks.

@@ -139,8 +139,6 @@ class Store(abc.ABC):
         """
         self.write_json(key, manifest)
 
+    @abc.abstractmethod
     def sub(self, prefix: str) -> "Store":
-        """A store rooted at ``prefix`` below this one."""
-        from m3i.storage import open_store
-
-        return open_store(self.url(prefix.strip("/")))
+        """A store of the same backend (and settings) rooted at ``prefix`` below this one."""

@@ -171,3 +171,6 @@ class LocalStore(Store):
 
     def url(self, key: str) -> str:
         return str(self._path(key)) if key.strip("/") else self.uri
+
+    def sub(self, prefix: str) -> "LocalStore":
+        return LocalStore(self.url(prefix.strip("/")))

@@ -409,3 +409,6 @@ class S3Store(Store):
     def url(self, key: str) -> str:
         obj = self._obj(key)
         return f"s3://{self.bucket}/{obj}" if obj else f"s3://{self.bucket}"
+
+    def sub(self, prefix: str) -> "S3Store":
+        return S3Store(self.url(prefix.strip("/")), self.settings)
