@@ -25,7 +25,8 @@ from m3i.evaluate.report import METRIC_NAMES as EVAL_METRIC_NAMES
 from m3i.launch import render
 from m3i.launch.pod import POD_LABELS
 from m3i.launch.trainjob import render_training_runtime
-from m3i.metrics import METRIC_NAMES, build_metrics
+from m3i.metrics import METRIC_NAMES, PROMOTE_METRIC_NAMES, build_metrics
+from m3i.pipeline import REGISTRY_SECRET
 from tests.k8s_schema import assert_valid, validate_core
 from tests.k8s_tools import ROOT, checkov_failures, tool, tool_env
 from tests.podmonitor import POD_IP, inline_train_pod, scrape_addresses, selects
@@ -145,12 +146,12 @@ def promql_metrics(expr: str) -> set[str]:
 
 @functools.lru_cache(maxsize=None)
 def exported_series() -> frozenset[str]:
-    """Every series name m3i exports: METRIC_NAMES with histogram families expanded, plus evaluate's."""
+    """Every series name m3i exports: METRIC_NAMES with histogram families expanded, plus evaluate's and promote's."""
     metrics = build_metrics(MetricsConfig(port=0), rank=0, local_rank=0, run_id="helm-test")
     histograms = {f.name for f in metrics.registry.collect() if f.type == "histogram"}
     assert histograms and histograms <= set(METRIC_NAMES)
     expanded = {f"{h}{suffix}" for h in histograms for suffix in ("_bucket", "_sum", "_count")}
-    return frozenset(set(METRIC_NAMES) | expanded | set(EVAL_METRIC_NAMES))
+    return frozenset(set(METRIC_NAMES) | expanded | set(EVAL_METRIC_NAMES) | set(PROMOTE_METRIC_NAMES))
 
 
 def dashboard() -> dict[str, Any]:
@@ -245,6 +246,10 @@ def test_defaults_render_no_credentials():
          "the runtime's metrics ports 29495..29502 cover Kubeflow Trainer's torch port 29500"),
         (("--set", "launch.ncclEnv.LD_PRELOAD=x.so"), "/launch/ncclEnv"),
         (("--set", "launch.rdmaResource=ib"), "/launch/rdmaResource"),
+        (("--set", "modelRegistry.url=ftp://registry:8080"), "/modelRegistry/url"),
+        (("--set", "modelRegistry.url=http://registry:8080/api"), "/modelRegistry/url"),
+        (("--set", "modelRegistry.tokenSecret=my-token"), "/modelRegistry/tokenSecret"),
+        (("--set", "monitoring.rules.rejectedInARow=0"), "/monitoring/rules/rejectedInARow"),
         (("--set", "launch.terminationGraceSeconds=0"), "/launch/terminationGraceSeconds"),
         (("--set", "launch.gpusPerNode=16"), "launch.gpusPerNode=16 runs one rank per GPU, more than the 8"),
         (("--set", "namespace.create=true,launch.rdmaResource=rdma/ib"),
@@ -461,7 +466,7 @@ def test_launch_configmap_loads_as_m3i_config(variant, tmp_path):
     assert sl.nccl_env == launch.get("ncclEnv", {}) and sl.rdma_resource is None  # RDMA off unless asked for
     if objs and any(o["kind"] == "Deployment" and o["metadata"]["name"].endswith("pushgateway") for o in objs):
         url = f"http://{RELEASE}-pushgateway.{NAMESPACE}.svc:9091"
-        assert cfg.metrics.pushgateway == url and cfg.evaluate.pushgateway == url
+        assert cfg.metrics.pushgateway == url and cfg.evaluate.pushgateway == url and cfg.promote.pushgateway == url
 
 
 @pytest.mark.parametrize("kind", ["volcano", "pytorchjob", "trainjob"])
@@ -564,7 +569,64 @@ def test_rules_pass_promtool(tmp_path):
     proc = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     alerts = {r["alert"] for g in rule_groups(objects(*ALL_ON)) for r in g["rules"]}
-    assert alerts == {"TrainingStalled", "TrainingNaNSteps", "CheckpointsFailing"}
+    assert alerts == {"TrainingStalled", "TrainingNaNSteps", "CheckpointsFailing", "RetrainsRejected", "ChampionStale"}
+
+
+def test_promotion_alerts_fire_on_the_pushed_promotion_series(tmp_path):
+    """promtool's rule unit tests: N rejections in a row and a champion older than the set age, per model."""
+    promtool = require_binary("promtool")
+    groups = rule_groups(objects("--set", "monitoring.enabled=true,monitoring.rules.rejectedInARow=2,monitoring.rules.championMaxAgeDays=7"))
+    for g in groups:
+        for r in g["rules"]:
+            r.pop("annotations", None)
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"groups": groups}))
+    # what push_promotion_metrics pushes (job m3i-promote, grouping key model), as the ServiceMonitor keeps it
+    pushed = {"job": "m3i-promote", "model": "m3i", "instance": "10.0.0.9:9091", "namespace": "m3i"}
+    other = {**pushed, "model": "other"}
+
+    def sel(name: str, labels: dict[str, str]) -> str:
+        return name + "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}"
+
+    tests = {
+        "rule_files": ["rules.yaml"],
+        "evaluation_interval": "1h",
+        "tests": [{
+            "interval": "1d",
+            "input_series": [
+                # one rejection a day from day 1 to 3, then a promotion resets the count on day 4
+                {"series": sel("m3i_promote_consecutive_rejections", pushed), "values": "0 1 2 3 0x6"},
+                {"series": sel("m3i_promote_consecutive_rejections", other), "values": "0x9"},
+                # model m3i's champion was set at t=0; other's is promoted anew on day 4 (345600 s)
+                {"series": sel("m3i_promote_champion_timestamp_seconds", pushed), "values": "0x9"},
+                {"series": sel("m3i_promote_champion_timestamp_seconds", other), "values": "0x3 345600x6"},
+            ],
+            "alert_rule_test": [
+                {"eval_time": "1d", "alertname": "RetrainsRejected", "exp_alerts": []},
+                {"eval_time": "2d", "alertname": "RetrainsRejected",
+                 "exp_alerts": [{"exp_labels": {**pushed, "severity": "warning"}}]},
+                {"eval_time": "5d", "alertname": "RetrainsRejected", "exp_alerts": []},
+                {"eval_time": "6d", "alertname": "ChampionStale", "exp_alerts": []},
+                {"eval_time": "8d", "alertname": "ChampionStale",
+                 "exp_alerts": [{"exp_labels": {**pushed, "severity": "warning"}}]},
+            ],
+        }],
+    }
+    (tmp_path / "tests.yaml").write_text(yaml.safe_dump(tests))
+    proc = subprocess.run([promtool, "test", "rules", "tests.yaml"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_model_registry_is_off_by_default_and_its_token_comes_only_by_reference(tmp_path):
+    values = yaml.safe_load((CHART / "values.yaml").read_text())["modelRegistry"]
+    assert values["url"] == "" and values["tokenSecret"] == REGISTRY_SECRET  # the Secret the compiled pipeline reads
+    assert load_config(None, launch_config_file(objects(), tmp_path), []).promote.registry.url == ""
+    url = ci_values("all-on")["modelRegistry"]["url"]
+    objs = objects(*ALL_ON)
+    registry = load_config(None, launch_config_file(objs, tmp_path), []).promote.registry
+    assert (registry.url, registry.token_env) == (url, "M3I_MODEL_REGISTRY_TOKEN")
+    # the chart holds no token: it neither renders that Secret nor an env var of the token (the pipeline's steps get it)
+    assert not [o for o in objs if o["kind"] == "Secret" and o["metadata"]["name"] == REGISTRY_SECRET]
+    assert "M3I_MODEL_REGISTRY_TOKEN" not in rendered(*ALL_ON)
 
 
 def test_alerts_fire_on_the_trainer_series(tmp_path):
@@ -663,7 +725,7 @@ def test_hook_uploads_then_schedules_with_the_values():
     (upload,), (schedule,) = spec["initContainers"], spec["containers"]
     assert upload["command"] == ["m3i", "pipeline", "upload"]
     sched = values["schedule"]
-    params = [x for k in sorted(sched["params"]) for x in ("--param", f"{k}={sched['params'][k]}")]
+    params = [x for k, v in sorted(sched["params"].items()) for x in ("--param", f"{k}={v if isinstance(v, str) else json.dumps(v)}")]
     assert schedule["command"] == [
         "m3i", "pipeline", "schedule", "--cron", sched["cron"], "--name", sched["name"],
         "--experiment", sched["experiment"], *params, "--service-account", sched["serviceAccount"],
