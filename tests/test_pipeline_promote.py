@@ -156,3 +156,67 @@ def test_the_promote_step_records_a_fresh_decision_when_the_champion_moved_since
     r = record_decision(m.manifest(2), m.scores(2, 0.7), m.root, expected="promote", kfp_run_id="run-2")
     assert r["decision"] == "reject" and r["champion"] == m.version[3] and not r["moved"]
     assert Ledger(m.root, NAME).event(3).champion_before.version == m.version[3]
+
+
+def test_run_local_prints_the_decision_and_passes_the_promotion_flags(monkeypatch, tmp_path, capsys):
+    import m3i.pipeline.local as local
+    from m3i.cli import main
+
+    why = "probe.top1 52.22 % vs the champion's 53.89 %: -1.67 points, must be more than +0.00 points: fails"
+    manifests = {
+        "champion/start": {"champion": "v00000040-bcf40441", "init_from": "/w/store/models/m3i/v00000040-bcf40441", "reason": "x"},
+        "gate/decision": {"decision": "reject", "reasons": [why], "candidate": "/w/store/models/m3i/v00000001-aac7fb7a",
+                          "champion": "v00000040-bcf40441", "reevaluated": ""},
+        "promote-2/event": {"decision": "reject", "reasons": [why], "seq": 2, "champion": "v00000040-bcf40441", "moved": False,
+                            "registered": None, "pushed": None},
+    }
+    seen = {}
+
+    def fake(*a, **kw):
+        seen.update(kw)
+        return local.LocalRun(tmp_path, "/w/store", tmp_path / "kfp", 1.0, manifests=manifests,
+                              artifacts={"gate/report": "/w/kfp/gate/report"}, run_name="local-x")
+
+    monkeypatch.setattr(local, "run_local", fake)
+    assert main(["pipeline", "run-local", "--workdir", str(tmp_path), "--steps", "1", "--start-from-champion", "--fail-on-reject"]) == 0
+    assert seen["arguments"] == {"steps": 1, "start_from_champion": True, "fail_on_reject": True} and seen["run_name"] == ""
+    out = capsys.readouterr().out
+    assert "  start      from the champion v00000040-bcf40441 (/w/store/models/m3i/v00000040-bcf40441)\n" in out
+    assert "  gate       REJECT v00000001-aac7fb7a against the champion v00000040-bcf40441:\n" f"             {why}\n" in out
+    assert "  champion   unchanged: v00000040-bcf40441 (event #2, reject)\n             report /w/kfp/gate/report\n" in out
+
+
+# ---------------------------------------------------------------------------------------------- run-local, twice
+
+
+@pytest.mark.slow
+def test_run_local_twice_keeps_the_better_model_as_champion_and_says_why(tmp_path):
+    """`m3i pipeline run-local` a few dozen steps, then one step, in the same folder: the first run's model
+    stays champion, the second is recorded as rejected, and its gate report says why.
+
+    The policy asks a retrain to beat the champion by 5 points and skips the random-init floor, so the
+    outcome does not hang on how far a few dozen CPU steps get: a one-step retrain cannot clear 5 points.
+    """
+    from m3i.pipeline.local import run_local
+
+    w = tmp_path / "w"
+    overrides = ["train.warmup_steps=4", "promote.random_init_floor=false", "promote.min_delta=0.05", "promote.guards=[]"]
+    first = run_local(w, arguments={"steps": 24, "probe_epochs": 20}, overrides=overrides)
+    p1 = first.promotion
+    v1 = first.manifests["export/model"]["version"]
+    assert p1["decision"] == "promote" and p1["event"]["moved"] and p1["event"]["champion"] == v1
+    pointer = (w / "store" / "models" / "m3i" / "champion.json").read_bytes()
+
+    second = run_local(w, arguments={"steps": 1, "probe_epochs": 20}, overrides=overrides)
+    assert second.run_name != first.run_name  # a fresh run: it trained anew, not resumed the first
+    v2 = second.manifests["export/model"]["version"]
+    p2 = second.promotion
+    assert v2 != v1 and p2["decision"] == "reject" and p2["champion"] == v1
+    assert p2["event"] == {**p2["event"], "decision": "reject", "moved": False, "champion": v1, "seq": 2}
+    (why,) = p2["reasons"]
+    assert why.startswith("probe.top1 ") and why.endswith("must be more than +5.00 points: fails")
+    report = open(second.artifacts["gate/report"]).read()
+    assert report.startswith(f"# Promotion gate of m3i: REJECT {v2}") and f"- {why}" in report
+    assert (w / "store" / "models" / "m3i" / "champion.json").read_bytes() == pointer
+    ledger = Ledger(str(w / "store" / "models"), "m3i")
+    assert ledger.state().champion.ref.version == v1 and [e.action for e in ledger.events()] == ["promote", "reject"]

@@ -4,7 +4,8 @@
     m3i pipeline upload    [--package FILE] [--version NAME]
     m3i pipeline run       [--param KEY=VALUE ...] [--params JSON] [--experiment m3i] [--run-name NAME] [--service-account SA]
     m3i pipeline schedule  --cron "0 3 * * 0" [--name NAME] [--param KEY=VALUE ...] [--max-concurrency 1]
-    m3i pipeline run-local [--workdir m3i-data/pipeline] [--steps N] [--labelled DIR ...] [--set section.key=value ...]
+    m3i pipeline run-local [--workdir m3i-data/pipeline] [--steps N] [--start-from-champion] [--fail-on-reject]
+                           [--labelled DIR ...] [--set section.key=value ...]
     m3i pipeline params                                   # the pipeline's parameters and defaults
 
 upload/run/schedule read the endpoint and auth from KFP_HOST, KFP_NAMESPACE, KFP_TOKEN,
@@ -77,11 +78,14 @@ def cmd_run_local(args: argparse.Namespace) -> int:
         arguments["steps"] = args.steps
     if args.eval_fraction is not None:
         arguments["eval_fraction"] = args.eval_fraction
+    for flag in ("start_from_champion", "fail_on_reject"):
+        if getattr(args, flag):
+            arguments[flag] = True
     sources = given_inputs(args)
     data = "your data" if sources else "demo data"
-    print(f"m3i-pretrain on this machine (kfp.local): {data} -> shard -> train -> export -> evaluate, under {args.workdir}")
+    print(f"m3i-pretrain on this machine (kfp.local): {data} -> shard -> train -> export -> evaluate -> gate, under {args.workdir}")
     r = run_local(args.workdir, arguments=arguments, overrides=args.overrides, run_name=args.run_name, sources=sources)
-    print(f"pipeline finished in {r.seconds:.0f}s")
+    print(f"pipeline run {r.run_name} finished in {r.seconds:.0f}s")
     data = r.manifests.get("shard/dataset", {})
     run = r.manifests.get("train/checkpoint", {})
     model = r.manifests.get("export/model", {})
@@ -100,10 +104,31 @@ def cmd_run_local(args: argparse.Namespace) -> int:
         print(f"  scores     on {evaluation['counts']['eval']} held-out images:")
         for line in score_lines(evaluation, top5=False):
             print(f"             {line}")
+    _print_promotion(r)
     print("  artifacts (kfp.local):")
     for key, path in sorted(r.artifacts.items()):
         print(f"    {key:20s} {path}")
     return 0
+
+
+def _print_promotion(r: Any) -> None:
+    """Where training started, the gate's decision and its reasons, and what was recorded."""
+    start = r.manifests.get("champion/start", {})
+    if start.get("init_from"):
+        print(f"  start      from the champion {start['champion']} ({start['init_from']})")
+    p = r.promotion
+    if not p:
+        return
+    against = f"the champion {p['champion']}" if p.get("champion") else "no champion"
+    print(f"  gate       {p['decision'].upper()} {p['candidate'].rstrip('/').rsplit('/', 1)[-1]} against {against}:")
+    for reason in p["reasons"]:
+        print(f"             {reason}")
+    event = p.get("event")
+    if event:
+        moved = "moved to" if event["moved"] else "unchanged:"
+        print(f"  champion   {moved} {event['champion'] or 'none'} (event #{event['seq']}, {event['decision']})")
+    if "gate/report" in r.artifacts:
+        print(f"             report {r.artifacts['gate/report']}")
 
 
 def add_pipeline_parser(sub: Any) -> argparse.ArgumentParser:
@@ -144,7 +169,9 @@ def add_pipeline_parser(sub: Any) -> argparse.ArgumentParser:
     c = ps.add_parser("run-local", help="run the whole pipeline here with kfp.local, on your data (as m3i shard takes it) or the demo's")
     c.add_argument("--workdir", default="m3i-data/pipeline", help="where everything goes (default: %(default)s)")
     c.add_argument("--steps", type=int, default=0, help="training steps (default: the demo preset's)")
-    c.add_argument("--run-name", default="local", help="runs/<name>, evals/<name>; reusing it resumes training")
+    c.add_argument("--run-name", default="", help="runs/<name>, evals/<name> (default: a fresh local-<UTC time>); reusing one resumes its training")
+    c.add_argument("--start-from-champion", action="store_true", help="train from the model's champion (the pipeline's start_from_champion)")
+    c.add_argument("--fail-on-reject", action="store_true", help="fail (exit 1) when the gate rejects the new model (fail_on_reject)")
     # the inputs of `m3i shard`; with none of them the demo data is written under --workdir and used
     shard_input_args(c, eval_fraction_help="the pipeline's eval_fraction")
     overrides_arg(c)

@@ -1,8 +1,11 @@
 """Run the ``m3i-pretrain`` pipeline on this machine with ``kfp.local`` (no cluster, no GPU).
 
-    result = run_local("m3i-data/pipeline")      # demo data -> shards -> train -> export -> evaluate
+    result = run_local("m3i-data/pipeline")      # demo data -> shards -> train -> export -> evaluate -> gate
     result = run_local("w", sources={"labelled": ["photos/"]})   # your own data instead of the demo's
-    result.scores, result.artifacts
+    result.scores, result.promotion, result.artifacts
+
+The gate keeps each model's champion pointer in the run's store (``<workdir>/store/models/<name>``),
+so a second run in the same folder is gated against the first's model.
 
 The same compiled components run as subprocesses of this Python (``SubprocessRunner(
 use_venv=False)``: m3i is importable here, nothing is pip-installed); kfp.local passes the
@@ -54,6 +57,14 @@ class LocalRun:
     """``task/output`` -> local path of that artifact."""
     manifests: dict[str, Any] = field(default_factory=dict)
     """``task/output`` -> parsed JSON of the manifest artifacts."""
+    run_name: str = ""
+    """The run's name: ``runs/<run_name>``, ``evals/<run_name>``."""
+
+    @property
+    def promotion(self) -> dict[str, Any]:
+        """What the gate decided (``gate/decision``) and, when it was recorded, the event (``promote*/event``)."""
+        event = next((v for k, v in sorted(self.manifests.items()) if k.startswith("promote") and k.endswith("/event")), None)
+        return {**self.manifests.get("gate/decision", {}), **({"event": event} if event else {})}
 
 
 def run_local(
@@ -62,7 +73,7 @@ def run_local(
     arguments: dict[str, Any] | None = None,
     overrides: Sequence[str] = (),
     storage_uri: str | None = None,
-    run_name: str = "local",
+    run_name: str = "",
     demo_size: int | None = None,
     sources: dict[str, Sequence[str]] | None = None,
 ) -> LocalRun:
@@ -74,7 +85,9 @@ def run_local(
         arguments: Pipeline arguments over :data:`DEMO_ARGUMENTS` (e.g. ``{"steps": 10}``).
         overrides: ``section.key=value`` config overrides for every step.
         storage_uri: Where the steps write (default ``<workdir>/store``; ``s3://...`` works too).
-        run_name: Names ``runs/<run_name>`` and ``evals/<run_name>``; reusing it resumes training.
+        run_name: Names ``runs/<run_name>`` and ``evals/<run_name>``; reusing it resumes training. Empty:
+            a fresh run, ``local-<UTC date-time>`` (as a KFP run gets its run id), so a second run
+            trains anew and is gated against the first's model, kept as champion in ``store/``.
         demo_size: Side of the demo images in pixels (default: the demo data's).
         sources: Raw inputs by kind, as ``m3i shard`` takes them: ``labelled``, ``captions``,
             ``unlabelled``, ``eval_labelled`` -> folders / files (local or ``s3://``). Kinds left out
@@ -89,6 +102,7 @@ def run_local(
     from m3i_components.pipeline import m3i_pretrain
 
     root = Path(workdir).resolve()
+    run_name = run_name or time.strftime("local-%Y%m%d-%H%M%S", time.gmtime())
     inputs = _inputs(sources, root / "raw", demo_size)
     storage = storage_uri or str(root / "store")
     pipeline_root = root / "kfp"
@@ -127,7 +141,7 @@ def run_local(
     runs = sorted(set(pipeline_root.iterdir()) - before, key=lambda p: p.stat().st_mtime)
     if not runs:
         raise RuntimeError(f"kfp.local wrote no run under {pipeline_root}")
-    result = LocalRun(root, storage, runs[-1], seconds)
+    result = LocalRun(root, storage, runs[-1], seconds, run_name=run_name)
     _collect(result)
     return result
 
