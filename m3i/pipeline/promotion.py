@@ -93,11 +93,11 @@ def gate_model(
         ValueError: Scores missing or without what the policy reads; a policy naming an unknown score.
         m3i.promote.ChampionDamaged: The champion's version is deleted or damaged (a rollback is offered).
     """
-    from m3i.promote import RunInfo, champion_of, decide
+    from m3i.promote import Ledger, RunInfo, decide
 
     cfg, _ = step_config(preset, overrides)
     name, version = model["name"], model["version"]
-    current = champion_of(models_uri, name)
+    current = Ledger(models_uri, name).state().champion  # decide() checks its version; no need to read it twice
     if current is not None and current.ref.version == version:
         why = f"{version} already is the champion of {name} ({current.action} #{current.seq} at {current.at}); nothing to decide"
         report = f"# Promotion gate of {name}: nothing to decide\n\n- {why}\n"
