@@ -6,6 +6,7 @@ the scores are written by hand, so that a test chooses which candidate is better
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,12 @@ def make_export(root: Path, models_uri: str, name: str, step: int):
 
 def fake_dataset(uri: str, tag: str = "a") -> str:
     """A data set root whose ``index.json`` fingerprints it (its content differs per ``tag``)."""
-    open_store(uri).write_json("index.json", {"format": "m3i-shards", "format_version": 1, "tag": tag})
+    def split(name: str) -> dict[str, Any]:
+        sha = hashlib.sha256(f"{tag}/{name}".encode()).hexdigest()
+        return {"shards": [{"key": f"{name}/{name}-00000-00-{sha[:12]}.tar", "samples": 1, "bytes": 1, "sha256": sha, "sources": {}}]}
+
+    index = {"format": "m3i-shards", "format_version": 1, "classes": ["a", "b"], "splits": {s: split(s) for s in ("train", "eval")}}
+    open_store(uri).write_json("index.json", index)
     return uri
 
 

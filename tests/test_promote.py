@@ -413,3 +413,34 @@ def test_an_unreachable_pushgateway_is_only_a_warning(m, caplog):
 
 def test_promote_error_is_the_base_of_state_errors():
     assert issubclass(PromotionConflict, PromoteError) and issubclass(ChampionDamaged, PromoteError)
+
+
+def test_the_same_images_sharded_again_are_the_same_eval_set(tmp_path):
+    """A re-shard of the same images writes a new index.json (its run record differs) but the same
+    shards: the scores stay comparable, so the champion is not re-evaluated for nothing."""
+    from m3i.artifacts import evaluation_from_metrics
+
+    first, again, other = (str(tmp_path / n) for n in ("first", "again", "other"))
+    fake_dataset(first, "a"), fake_dataset(again, "a"), fake_dataset(other, "b")
+    store = open_store(again)
+    store.write_json("index.json", {**store.read_json("index.json"), "run": {"seconds": 12.5, "units_reused": 3}})
+    assert open_store(first).sha256("index.json") != store.sha256("index.json")
+
+    def fingerprint(shards: str, **data) -> str:
+        doc = metrics_doc("m", shards, 0.5, 0.5)
+        doc["data"].update(data)
+        return evaluation_from_metrics(doc).eval_set.fingerprint
+
+    assert fingerprint(first) == fingerprint(again) != fingerprint(other)
+    # what m3i evaluate recorded it scored on wins over the data set as it is now
+    recorded = evaluation_from_metrics(metrics_doc("m", other, 0.5, 0.5)).eval_set.content_sha256
+    assert fingerprint(first, content_sha256=recorded) == fingerprint(other)
+
+
+def test_a_garbled_index_is_a_damaged_data_set(tmp_path):
+    from m3i.artifacts import DamagedArtifactError, read_index
+
+    store = open_store(str(tmp_path))
+    store.write_json("index.json", {"format": "m3i-shards", "format_version": 1, "classes": []})
+    with pytest.raises(DamagedArtifactError, match="index.json is damaged: .*'splits'"):
+        read_index(store)

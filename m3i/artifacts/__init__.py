@@ -39,7 +39,7 @@ from m3i.artifacts.checkpoint import (
     locate_checkpoint,
     run_output_of,
 )
-from m3i.artifacts.dataset import INDEX_KEY, ShardIndex, ShardInfo, check_shards, read_index
+from m3i.artifacts.dataset import INDEX_KEY, ShardIndex, ShardInfo, check_shards, content_sha256, read_index
 from m3i.artifacts.errors import ArtifactError, DamagedArtifactError, DamagedFileError, UnsafeCheckpointError
 from m3i.artifacts.evaluation import METRICS_FILE, EvalSet, Evaluation, evaluation_from_metrics, read_evaluation
 from m3i.artifacts.export import (
@@ -77,6 +77,7 @@ __all__ = [
     "UnsafeCheckpointError",
     "WEIGHTS",
     "check_shards",
+    "content_sha256",
     "evaluation_from_metrics",
     "find_latest",
     "is_export",

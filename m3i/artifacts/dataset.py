@@ -12,6 +12,8 @@ Layout under the data set root::
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
@@ -19,7 +21,8 @@ from m3i.artifacts.errors import damaged
 from m3i.storage import Store, StorageError
 
 __all__ = [
-    "FORMAT", "FORMAT_VERSION", "INDEX_KEY", "ShardInfo", "ShardIndex", "check_shards", "read_index", "shard_problems",
+    "FORMAT", "FORMAT_VERSION", "INDEX_KEY", "ShardInfo", "ShardIndex", "check_shards", "content_sha256", "read_index",
+    "shard_problems",
 ]
 
 FORMAT = "m3i-shards"
@@ -81,11 +84,28 @@ def read_index(store: Store) -> ShardIndex:
         raise ValueError(
             f"{store.url(INDEX_KEY)}: format_version={raw.get('format_version')!r}; this m3i reads {FORMAT_VERSION}"
         )
-    splits = {
-        name: [ShardInfo(s["key"], s["samples"], s["bytes"], s["sha256"], dict(s["sources"])) for s in sp["shards"]]
-        for name, sp in raw["splits"].items()
-    }
-    return ShardIndex(store.uri, list(raw["classes"]), splits, raw)
+    try:
+        splits = {
+            name: [ShardInfo(s["key"], s["samples"], s["bytes"], s["sha256"], dict(s["sources"])) for s in sp["shards"]]
+            for name, sp in raw["splits"].items()
+        }
+        return ShardIndex(store.uri, list(raw["classes"]), splits, raw)
+    except (KeyError, TypeError, AttributeError) as e:
+        raise damaged("data set index", store.url(INDEX_KEY), f"its {FORMAT} document lacks or garbles {e}",
+                      "run `m3i shard` again into this output to write a new one") from None
+
+
+def content_sha256(index: ShardIndex, splits: Iterable[str]) -> str:
+    """sha256 of what scoring on ``splits`` reads: the class names and each split's shards' sha256.
+
+    Unlike the sha256 of ``index.json`` it ignores the index's run record (timings, counts of
+    reused units) and where the shards are, so the same images sharded again give the same value.
+
+    Raises:
+        ValueError: When a split is not in the index.
+    """
+    doc = {"classes": index.classes, "splits": {name: sorted(s.sha256 for s in index.shards(name)) for name in splits}}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
 def shard_problems(shards: Iterable[ShardInfo], sizes: Mapping[str, int]) -> list[tuple[str, str]]:

@@ -5,8 +5,9 @@
     ev.eval_set.fingerprint                                # equal fingerprints: comparable scores
 
 Two scores are comparable only when they were measured on the same labelled samples with the same
-scoring settings: the fingerprint covers the data set's ``index.json`` (its sha256 pins every shard's
-sha256), the two splits, and the kNN / probe (/ fine-tune) settings ``metrics.json`` records.
+scoring settings: the fingerprint covers the classes and every shard's sha256 of the two splits
+(``data.content_sha256``, which ``m3i evaluate`` records), the split names, and the kNN / probe
+(/ fine-tune) settings ``metrics.json`` records.
 
 Layout under ``evaluate.out`` (written by :func:`m3i.evaluate.evaluate`, ``metrics.json`` last)::
 
@@ -22,7 +23,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from m3i.artifacts.dataset import INDEX_KEY
+from m3i.artifacts.dataset import content_sha256, read_index
 from m3i.config.promote import SCORES
 from m3i.storage import StorageError, join_uri, open_store
 
@@ -41,8 +42,9 @@ class EvalSet:
 
     shards: str
     """The data set (``data.shards``) as ``metrics.json`` names it."""
-    index_sha256: str
-    """sha256 of its ``index.json``: the shards, their sha256, the classes and the splits."""
+    content_sha256: str
+    """:func:`m3i.artifacts.dataset.content_sha256` of the two splits: the classes and every shard's
+    sha256, so the same images sharded again (a new ``index.json`` run record) are the same eval set."""
     train_split: str
     eval_split: str
     protocol: dict[str, Any] = field(default_factory=dict)
@@ -51,18 +53,18 @@ class EvalSet:
     @property
     def fingerprint(self) -> str:
         """sha256 of everything above but ``shards`` (the same data copied elsewhere scores the same)."""
-        doc = {"index_sha256": self.index_sha256, "splits": [self.train_split, self.eval_split], "protocol": self.protocol}
+        doc = {"content_sha256": self.content_sha256, "splits": [self.train_split, self.eval_split], "protocol": self.protocol}
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "shards": self.shards, "index_sha256": self.index_sha256, "train_split": self.train_split,
+            "shards": self.shards, "content_sha256": self.content_sha256, "train_split": self.train_split,
             "eval_split": self.eval_split, "protocol": dict(self.protocol), "fingerprint": self.fingerprint,
         }
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> "EvalSet":
-        return cls(str(raw["shards"]), str(raw["index_sha256"]), str(raw["train_split"]), str(raw["eval_split"]), dict(raw.get("protocol") or {}))
+        return cls(str(raw["shards"]), str(raw["content_sha256"]), str(raw["train_split"]), str(raw["eval_split"]), dict(raw.get("protocol") or {}))
 
 
 @dataclass(frozen=True)
@@ -91,13 +93,16 @@ def flatten_scores(block: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-def _index_sha256(data: Mapping[str, Any], where: str) -> str:
-    recorded = data.get("index_sha256")
+def _content_sha256(data: Mapping[str, Any], where: str) -> str:
+    """What ``m3i evaluate`` recorded it scored on; for a ``metrics.json`` written before it recorded
+    that, the same digest of the data set's index as it is now."""
+    recorded = data.get("content_sha256")
     if isinstance(recorded, str) and recorded:
         return recorded
     shards = data.get("shards")
     try:
-        return open_store(str(shards)).sha256(INDEX_KEY)
+        index = read_index(open_store(str(shards)))
+        return content_sha256(index, [str(data.get("train_split", "train")), str(data.get("eval_split", "eval"))])
     except (StorageError, ValueError) as e:
         raise ValueError(
             f"{where}: cannot fingerprint the eval data set {shards!r} ({e}); scores on a data set that cannot be "
@@ -129,7 +134,7 @@ def evaluation_from_metrics(metrics: Mapping[str, Any], *, source: str = "") -> 
         for key in keys
         if key in metrics[method]
     }
-    eval_set = EvalSet(str(data["shards"]), _index_sha256(data, where), str(data.get("train_split", "train")),
+    eval_set = EvalSet(str(data["shards"]), _content_sha256(data, where), str(data.get("train_split", "train")),
                        str(data.get("eval_split", "eval")), protocol)
     base = metrics.get("random_init")
     model = metrics.get("model")

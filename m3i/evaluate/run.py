@@ -13,7 +13,7 @@ import torch
 from torch.nn import functional as F
 
 from m3i import __version__
-from m3i.artifacts.dataset import ShardIndex
+from m3i.artifacts.dataset import ShardIndex, content_sha256
 from m3i.config import Config, EvaluateConfig
 from m3i.data import resolve_device
 from m3i.evaluate.curves import find_history, history_summary, loss_series
@@ -181,7 +181,10 @@ def evaluate(cfg: Config, *, data_from_model: bool = False) -> EvalResult:
             "run_id": encoder.info.get("run_id", ""), "architecture": encoder.info.get("architecture", ""),
             "image_size": encoder.image_size, "crop_pct": encoder.crop_pct, "mean": list(encoder.mean), "std": list(encoder.std),
         },
-        "data": {"shards": index.uri, "train_split": e.train_split, "eval_split": e.eval_split},
+        "data": {
+            "shards": index.uri, "train_split": e.train_split, "eval_split": e.eval_split,
+            "content_sha256": content_sha256(index, [e.train_split, e.eval_split]),  # what the scores are comparable on
+        },
         "classes": list(index.classes),
         "num_classes": index.num_classes,
         **score_features(train, test, index.classes, e),

@@ -70,7 +70,7 @@ def render_decision(
             + (f"; re-evaluated on the candidate's eval set: `{reevaluated}`" if reevaluated else "; scored on the same eval set")
         )
     lines += [
-        f"- eval set: `{es.shards}`, splits `{es.train_split}` -> `{es.eval_split}`, index sha256 `{es.index_sha256[:16]}`, "
+        f"- eval set: `{es.shards}`, splits `{es.train_split}` -> `{es.eval_split}`, content sha256 `{es.content_sha256[:16]}`, "
         f"fingerprint `{es.fingerprint[:16]}`",
         f"- policy: {_policy_line(policy)}",
         "",
