@@ -166,7 +166,7 @@ def _cfg_here(tmp_path, shards, out, name="c", **sections):
     return load_config(None, write_train_config(tmp_path / f"{name}.yaml", shards, str(out), **sections))
 
 
-def _in_process_train(monkeypatch, tmp_path, shards, bad_calls, checkpoint=None, metrics=None, **train):
+def _in_process_train(monkeypatch, tmp_path, shards, bad_calls, checkpoint=None, metrics=None, data=None, **train):
     """Train in this process (one rank) with NaN losses on the given forward calls."""
     from m3i.train import loop
 
@@ -190,7 +190,7 @@ def _in_process_train(monkeypatch, tmp_path, shards, bad_calls, checkpoint=None,
 
     monkeypatch.setattr(loop, "build_model", build_with_nans)
     out = tmp_path / "run"
-    cfg = _cfg_here(tmp_path, shards, out, train=train, checkpoint=checkpoint or {}, metrics=metrics or {})
+    cfg = _cfg_here(tmp_path, shards, out, train=train, checkpoint=checkpoint or {}, metrics=metrics or {}, data=data or {})
     return out, lambda: loop.train(cfg, progress=False)
 
 
@@ -232,6 +232,23 @@ def test_a_failed_run_or_start_frees_its_metrics_port(shards, tmp_path, monkeypa
     with pytest.raises(StorageError, match=r"no checkpoint .* from step-00000002 down verifies"):
         loop.train(_cfg_here(tmp_path, shards, out, name="again", train={"steps": 6}, metrics=metrics), progress=False)
     assert _port_is_free(port)
+
+
+def test_train_stops_its_loader_workers_however_it_ends(shards, tmp_path, monkeypatch):
+    """Two runs in one process (as tests/test_export.py trains its cases), one ending in an error:
+    neither leaves a loader worker behind. Workers ignore SIGTERM, so a leftover one held the
+    process at exit for ever (multiprocessing joins its children)."""
+    import multiprocessing
+
+    from m3i.train import TrainingDiverged, loop
+
+    one_rank_here(monkeypatch)
+    loop.train(_cfg_here(tmp_path, shards, tmp_path / "a", name="a", train={"steps": 2}, data={"num_workers": 1}), progress=False)
+    assert multiprocessing.active_children() == []
+    out, run = _in_process_train(monkeypatch, tmp_path, shards, set(range(2, 100)), steps=6, max_bad_steps=2, data={"num_workers": 1})
+    with pytest.raises(TrainingDiverged):
+        run()
+    assert multiprocessing.active_children() == []
 
 
 def test_nan_losses_in_a_row_abort_without_saving(shards, tmp_path, monkeypatch):

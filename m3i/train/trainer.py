@@ -130,7 +130,14 @@ class Trainer:
             self.checkpoints.save_last(self.state.step)
         finally:
             self.sigterm.restore()
-            self.outputs.close()
+            try:
+                self.outputs.close()
+            finally:
+                # Stop the loader's worker processes now. They ignore SIGTERM (a preemption save must
+                # finish), and this trainer and its batch generator refer to each other, so they would
+                # otherwise live until a garbage collection, or hold the process at exit.
+                self._batches.close()
+                self.loader.close()
 
     def train_step(self) -> StepReport | None:
         """Run micro-batches up to one optimizer step (``train.grad_accum`` finite ones; a non-finite one is skipped).
