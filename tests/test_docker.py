@@ -264,6 +264,21 @@ def test_pins_match_pyproject(name):
                 assert local == ("cpu" if name == "cpu" else ""), f"{package}=={version} in the {name} image"
 
 
+def test_the_cpu_image_installs_the_registry_extra_with_the_dependencies():
+    """The pipeline's promote steps run in the CPU image: the Model Registry client must be in it.
+    Runs the image's own requirements one-liner against pyproject.toml."""
+    import sys
+
+    runs = " ".join(i.args for i in all_instructions("cpu") if i.keyword == "RUN" and "m3i-requirements.txt" in i.args)
+    m = re.search(r'python -c "([^"]*)"', runs)
+    assert m, "the CPU image no longer writes its requirements from pyproject.toml"
+    code = m.group(1).replace("/tmp/m3i-build/pyproject.toml", str(ROOT / "pyproject.toml"))
+    listed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    project = pyproject()["project"]
+    assert listed == project["dependencies"] + project["optional-dependencies"]["registry"]
+    assert any(d.startswith("model-registry==") for d in listed)
+
+
 def test_cpu_torch_comes_from_the_cpu_index_alone():
     runs = [i.args for i in all_instructions("cpu") if i.keyword == "RUN"]
     torch_run = next(r for r in runs if pins(r, "torch"))
