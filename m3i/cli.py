@@ -19,17 +19,14 @@ unsafe or damaged artifact (:class:`m3i.artifacts.ArtifactError`), in one line w
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 from typing import Sequence
 
 from m3i import __version__
-from m3i.cli_args import config_args, config_of, shard_input_args, shard_input_values, train_args
+from m3i.cli_args import config_args, config_of, run_command, shard_input_args, shard_input_values, train_args
 
 __all__ = ["main", "build_parser"]
-
-log = logging.getLogger("m3i")
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
@@ -320,46 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``m3i`` console script; returns the exit status."""
-    from m3i.artifacts.errors import ArtifactError
-    from m3i.storage import StorageError
-
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    try:
-        return args.func(args)
-    except ArtifactError as e:  # unsafe or damaged, wherever it was read: the same one line, exit 1
-        print(f"m3i {args.command}: failed: {' '.join(str(e).splitlines())}", file=sys.stderr)
-        return 1
-    except ValueError as e:
-        print(f"m3i {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except (StorageError, RuntimeError, OSError, LookupError) as e:
-        print(f"m3i {args.command}: failed: {e}", file=sys.stderr)
-        return 1
-    except Exception as e:
-        remote = _remote_error(e)
-        if remote is None:
-            raise
-        print(f"m3i {args.command}: failed: {remote}", file=sys.stderr)
-        return 1
-
-
-def _remote_error(e: Exception) -> str | None:
-    """One line for an error of a remote API client (KFP, Kubernetes, urllib3), else ``None``.
-
-    Their exceptions carry the whole HTTP response; the status and reason say enough, and
-    response bodies and headers stay out of the terminal.
-    """
-    module = type(e).__module__ or ""
-    if not module.startswith(("kfp_server_api", "kubernetes", "urllib3")):
-        return None
-    status, reason = getattr(e, "status", None), getattr(e, "reason", None)
-    if status is not None:
-        return f"{type(e).__name__}: HTTP {status} {reason or ''}".rstrip()
-    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}"
+    return run_command(f"m3i {args.command}", lambda: args.func(args), quiet=args.quiet)
 
 
 if __name__ == "__main__":

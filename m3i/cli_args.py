@@ -4,6 +4,7 @@
     shard_input_args(p)       --labelled, --captions, --unlabelled, --eval-labelled, --webdataset, --eval-fraction
     train_args(p)             what ``m3i train`` takes: the config arguments and --no-progress
     train_parser()            ``m3i train``'s parser alone (``m3i launch`` checks what its ranks will get)
+    run_command(prog, call)   logging, then the command's body; failures as one line and an exit status
 
 and what they become: :func:`config_of` loads the config they name, with a command's own flags
 as typed values (``{"export.out": args.out}``); :func:`shard_input_values` turns the shard input
@@ -17,7 +18,9 @@ Only the command modules use this one (``m3i/cli.py``, ``m3i/launch/cli.py``, ``
 from __future__ import annotations
 
 import argparse
-from typing import Any, Mapping
+import logging
+import sys
+from typing import Any, Callable, Mapping
 
 from m3i.config import Config, load_config
 from m3i.config.data import INPUT_KINDS, input_values
@@ -27,6 +30,7 @@ __all__ = [
     "config_of",
     "given_inputs",
     "overrides_arg",
+    "run_command",
     "shard_input_args",
     "shard_input_values",
     "train_args",
@@ -106,3 +110,54 @@ def train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="m3i train", description="M3I pre-training, one rank")
     train_args(p)
     return p
+
+
+def run_command(prog: str, call: Callable[[], int], *, quiet: bool = False) -> int:
+    """Set up logging, run a command's body and return its exit status; the one mapping of failures.
+
+    Exit 2 with ``<prog>: error: ...`` for a bad value (``ValueError``); exit 1 with
+    ``<prog>: failed: ...`` for an unsafe or damaged artifact (one line, wherever it was read),
+    storage, runtime and OS failures, and errors of remote API clients (KFP, Kubernetes, urllib3:
+    status and reason only, never the response body). Anything else propagates with its traceback.
+
+    Args:
+        prog: What the messages start with, e.g. ``m3i train``.
+        call: The command's body; returns the exit status.
+        quiet: Warnings only, no progress logging.
+    """
+    from m3i.artifacts.errors import ArtifactError
+    from m3i.storage import StorageError
+
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return call()
+    except ArtifactError as e:  # a ValueError too: named first, it is a failed run, not a bad value
+        print(f"{prog}: failed: {' '.join(str(e).splitlines())}", file=sys.stderr)
+        return 1
+    except ValueError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except (StorageError, RuntimeError, OSError, LookupError) as e:
+        print(f"{prog}: failed: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:
+        remote = _remote_error(e)
+        if remote is None:
+            raise
+        print(f"{prog}: failed: {remote}", file=sys.stderr)
+        return 1
+
+
+def _remote_error(e: Exception) -> str | None:
+    """One line for an error of a remote API client (KFP, Kubernetes, urllib3), else ``None``.
+
+    Their exceptions carry the whole HTTP response; the status and reason say enough, and
+    response bodies and headers stay out of the terminal.
+    """
+    module = type(e).__module__ or ""
+    if not module.startswith(("kfp_server_api", "kubernetes", "urllib3")):
+        return None
+    status, reason = getattr(e, "status", None), getattr(e, "reason", None)
+    if status is not None:
+        return f"{type(e).__name__}: HTTP {status} {reason or ''}".rstrip()
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}"

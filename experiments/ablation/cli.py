@@ -8,13 +8,12 @@ Exit status as ``m3i``'s: 2 for a bad value (one line naming it), 1 for a failed
 from __future__ import annotations
 
 import argparse
-import logging
 import shlex
 import sys
 from typing import Sequence
 
 from experiments.ablation.arms import VARIANTS
-from m3i.cli_args import config_args, config_of
+from m3i.cli_args import config_args, config_of, run_command
 
 __all__ = ["build_parser", "main"]
 
@@ -64,22 +63,6 @@ def _run(args: argparse.Namespace, command: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ablation with these arguments (``sys.argv[1:]`` by default); returns the exit status."""
-    from m3i.artifacts import ArtifactError
-    from m3i.storage import StorageError
-
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    try:
-        return _run(args, shlex.join([*PROG.split(), *argv]))
-    except ArtifactError as e:  # an unsafe or damaged checkpoint: a failed run, as in m3i (before ValueError, its base)
-        print(f"{PROG}: failed: {' '.join(str(e).splitlines())}", file=sys.stderr)
-        return 1
-    except ValueError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    except (StorageError, RuntimeError, OSError, LookupError) as e:
-        print(f"{PROG}: failed: {e}", file=sys.stderr)
-        return 1
+    return run_command(PROG, lambda: _run(args, shlex.join([*PROG.split(), *argv])), quiet=args.quiet)
