@@ -289,12 +289,17 @@ def line_chart_png(
         draw.text((left, top - 17), name, fill=colour, font=font)
         draw.text((right - _text_w(draw, last, small), top - 15), last, fill=(90, 90, 90), font=small)
         if p == len(series) - 1:
-            x_step = x_ticks[1] - x_ticks[0] if len(x_ticks) > 1 else 1.0
-            for v in x_ticks:
-                label = _tick_label(v, x_step)
-                draw.text((x_of(v) - _text_w(draw, label, small) / 2, bottom + 4), label, fill="black", font=small)
-            draw.text((right - _text_w(draw, xlabel, small), bottom + 18), xlabel, fill=(90, 90, 90), font=small)
+            _x_axis(draw, x_ticks, x_of, bottom, right, xlabel, small)
     return _png(img)
+
+
+def _x_axis(draw, x_ticks: list[float], x_of, bottom: float, right: float, xlabel: str, font) -> None:
+    """Tick labels under the bottom panel and the axis label at its right end."""
+    x_step = x_ticks[1] - x_ticks[0] if len(x_ticks) > 1 else 1.0
+    for v in x_ticks:
+        label = _tick_label(v, x_step)
+        draw.text((x_of(v) - _text_w(draw, label, font) / 2, bottom + 4), label, fill="black", font=font)
+    draw.text((right - _text_w(draw, xlabel, font), bottom + 18), xlabel, fill=(90, 90, 90), font=font)
 
 
 def panel_chart_png(
@@ -391,9 +396,5 @@ def panel_chart_png(
         draw.text((left, top - 18), caption, fill="black", font=font)
         if i == len(panels) - 1:
             x_ticks = _nice_ticks(x_lo, x_hi, 6, min_step=1.0) if x_hi > x_lo else [x_lo]
-            x_step = x_ticks[1] - x_ticks[0] if len(x_ticks) > 1 else 1.0
-            for v in x_ticks:
-                label = _tick_label(v, x_step)
-                draw.text((x_of(v) - _text_w(draw, label, small) / 2, bottom + 4), label, fill="black", font=small)
-            draw.text((right - _text_w(draw, xlabel, small), bottom + 18), xlabel, fill=(90, 90, 90), font=small)
+            _x_axis(draw, x_ticks, x_of, bottom, right, xlabel, small)
     return _png(img)
