@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import shlex
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,17 @@ import torch
 from m3i.config import DataConfig, ShardConfig
 from m3i.demo import DemoCounts, make_demo_data
 from m3i.shard import shard
+
+
+class PlantedPickle:
+    """What an attacker would pickle: unpickling it runs a shell command that creates ``path``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {shlex.quote(self.path)}",))
+
 
 SMALL = DemoCounts(labelled=48, captioned=32, unlabelled=16, eval=16, size=32)
 

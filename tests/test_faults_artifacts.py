@@ -12,29 +12,17 @@ names the artifact, what is wrong and the way out, with exit status 1.
 from __future__ import annotations
 
 import json
-import os
-import shlex
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers import one_rank_here, shard_small, small_demo, write_train_config
+from tests.helpers import PlantedPickle, one_rank_here, shard_small, small_demo, write_train_config
 from tests.test_export import _fake_zero0_checkpoint
 
 DS_MODEL = "ds/mp_rank_00_model_states.pt"
 EVAL = {"k": 5, "probe_epochs": 2, "random_init": False, "num_workers": 0, "batch_size": 16}
-
-
-class _Planted:
-    """What an attacker would pickle: unpickling it runs a shell command that creates ``path``."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (os.system, (f"touch {shlex.quote(self.path)}",))
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +69,7 @@ def _planted_run(made: dict, tmp: Path, marker: Path) -> Path:
     shutil.copytree(made["run"], run)
     ckpt = run / "checkpoints" / "step-00000002"
     state = torch.load(ckpt / DS_MODEL, weights_only=True)
-    state["meta"]["note"] = _Planted(marker)
+    state["meta"]["note"] = PlantedPickle(marker)
     torch.save(state, ckpt / DS_MODEL)
     manifest = json.loads((ckpt / "complete.json").read_text())
     manifest["files"] = [{"key": DS_MODEL, "bytes": (ckpt / DS_MODEL).stat().st_size}]  # as someone with write access would

@@ -17,9 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -29,23 +27,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import one_rank_here, shard_small, small_demo, train_env, write_train_config
+from tests.helpers import PlantedPickle, one_rank_here, shard_small, small_demo, train_env, write_train_config
 
 REPO = Path(__file__).resolve().parents[1]
 DS_MODEL = "ds/mp_rank_00_model_states.pt"
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-
-class _Planted:
-    """What an attacker would pickle: unpickling it runs a shell command that creates ``path``."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (os.system, (f"touch {shlex.quote(self.path)}",))
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +157,7 @@ def test_planted_pickle_in_rank_state_does_not_run(run, shards, tmp_path, as_fil
     for old in ("rank-00000.safetensors", "rank-00000.pt"):
         (ckpt / old).unlink(missing_ok=True)
     # A rank state with the payload inside, under the current name or the legacy .pt one.
-    torch.save({"loader": {"epoch": 0}, "rng": _Planted(marker)}, ckpt / as_file)
+    torch.save({"loader": {"epoch": 0}, "rng": PlantedPickle(marker)}, ckpt / as_file)
     _rewrite_manifest(ckpt, drop=("rank-00000.safetensors", "rank-00000.pt"), add=(as_file,))
     err = _error_of(lambda: _train(tmp_path, shards, run, train={"steps": 6}))
     assert not marker.exists(), "the planted pickle ran"
@@ -188,7 +176,7 @@ def test_planted_pickle_in_a_deepspeed_file_does_not_run(run, shards, tmp_path, 
     from m3i.train.safe_state import deepspeed_globals
 
     state = load_weights_only(ckpt / DS_MODEL, "cpu", deepspeed_globals())
-    state["meta"]["note"] = _Planted(marker)
+    state["meta"]["note"] = PlantedPickle(marker)
     torch.save(state, ckpt / DS_MODEL)
     _rewrite_manifest(ckpt)
     err = _error_of(lambda: _train(tmp_path, shards, run, train={"steps": 6}))
