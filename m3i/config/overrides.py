@@ -19,6 +19,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from m3i.config.messages import shown
+from m3i.config.yaml_text import set_path
 
 __all__ = ["command_line", "flat_values", "override_strings", "set_values"]
 
@@ -34,13 +35,7 @@ def set_values(data: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str, 
         parts = [p for p in key.split(".") if p] if isinstance(key, str) else []
         if not parts:
             raise ValueError(f"override key {shown(key)} must look like section.key")
-        node = out
-        for p in parts[:-1]:
-            nxt = node.setdefault(p, {})
-            if not isinstance(nxt, dict):
-                raise ValueError(f"override {key}={shown(value)}: {shown(p)} is a value, not a section")
-            node = nxt
-        node[parts[-1]] = _plain(value)
+        set_path(out, parts, _plain(value), f"override {key}={shown(value)}")
     return out
 
 

@@ -16,7 +16,7 @@ import yaml
 
 from m3i.config.messages import shown
 
-__all__ = ["apply_overrides", "parse_override", "read_yaml_sections"]
+__all__ = ["apply_overrides", "parse_override", "read_yaml_sections", "set_path"]
 
 _TAG = "tag:yaml.org,2002:"
 # What PyYAML's safe loader builds (plain data), plus the merge key ``<<``; any other tag is refused.
@@ -215,11 +215,20 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     out = copy.deepcopy(data)  # plain data from YAML (a dump-and-load copy took 30 s for 300k keys)
     for text in overrides:
         parts, value = parse_override(text)
-        node = out
-        for p in parts[:-1]:
-            nxt = node.setdefault(p, {})
-            if not isinstance(nxt, dict):
-                raise ValueError(f"--set {shown(text)}: {shown(p)} is a value, not a section")
-            node = nxt
-        node[parts[-1]] = value
+        set_path(out, parts, value, f"--set {shown(text)}")
     return out
+
+
+def set_path(tree: dict[str, Any], parts: Sequence[str], value: Any, what: str) -> None:
+    """``tree[parts[0]]...[parts[-1]] = value``, making sections on the way.
+
+    Raises:
+        ValueError: When a part on the way is a value, not a section; ``what`` names the override.
+    """
+    node = tree
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ValueError(f"{what}: {shown(p)} is a value, not a section")
+        node = nxt
+    node[parts[-1]] = value
