@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Sequence
 
+from m3i.config import override_strings
 from m3i.pipeline.steps import step_config
 from m3i.storage import join_uri
 
@@ -62,7 +63,7 @@ def start_point(
         out["reason"] = f"model {model_name!r} has no champion yet: random initialisation"
         return out
     out.update(
-        overrides=[*overrides, f"train.init_from={champion.ref.uri}"], init_from=champion.ref.uri, champion=champion.ref.version,
+        overrides=[*overrides, *override_strings({"train.init_from": champion.ref.uri})], init_from=champion.ref.uri, champion=champion.ref.version,
         reason=f"continued pre-training from the champion {champion.ref.version} (step {champion.ref.step}, {champion.action} #{champion.seq})",
     )
     return out
